@@ -1,0 +1,63 @@
+# moeflux build. Targets: all (library + CLI), test, asan, demo, clean.
+# CUDA sources (src/**/*.cu) are compiled when nvcc is found.
+
+CC      ?= cc
+NVCC    ?= $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
+BUILD   ?= build
+WARN    := -Wall -Wextra -Wshadow -Wstrict-prototypes -Wmissing-prototypes -Werror
+DEPS_CFLAGS := $(shell pkg-config --cflags libcjson 2>/dev/null || echo -I/usr/include/cjson)
+DEPS_LIBS   := $(shell pkg-config --libs libcjson 2>/dev/null || echo -lcjson)
+CFLAGS  ?= -O2 -g
+CFLAGS  += -std=c11 -D_GNU_SOURCE $(WARN) -Iinclude -Isrc $(DEPS_CFLAGS) -pthread -MMD -MP
+LDLIBS  := $(DEPS_LIBS) -lm -pthread
+TEST_LIBS := -lcriterion
+
+LIB_SRC  := $(shell find src -name '*.c' ! -path 'src/cli/*' | sort)
+CLI_SRC  := $(shell find src/cli -name '*.c' | sort)
+TEST_SRC := $(sort $(wildcard tests/test_*.c)) tests/helpers.c
+CU_SRC   := $(shell find src -name '*.cu' | sort)
+
+LIB_OBJ  := $(LIB_SRC:%.c=$(BUILD)/%.o)
+CLI_OBJ  := $(CLI_SRC:%.c=$(BUILD)/%.o)
+TEST_OBJ := $(TEST_SRC:%.c=$(BUILD)/%.o)
+CU_OBJ   := $(if $(NVCC),$(CU_SRC:%.cu=$(BUILD)/%.cu.o))
+
+.PHONY: all test asan demo clean
+all: $(BUILD)/moeflux
+
+$(BUILD)/libmoeflux.a: $(LIB_OBJ) $(CU_OBJ)
+	@rm -f $@
+	ar rcs $@ $^
+
+$(BUILD)/moeflux: $(CLI_OBJ) $(BUILD)/libmoeflux.a
+	$(CC) $(CFLAGS) -o $@ $^ $(LDLIBS)
+
+$(BUILD)/test_moeflux: $(TEST_OBJ) $(BUILD)/libmoeflux.a $(BUILD)/moeflux
+	$(CC) $(CFLAGS) -o $@ $(TEST_OBJ) $(BUILD)/libmoeflux.a $(LDLIBS) $(TEST_LIBS)
+
+$(BUILD)/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -c -o $@ $<
+
+$(BUILD)/%.cu.o: %.cu
+	@mkdir -p $(dir $@)
+	$(NVCC) -O2 -std=c++17 -Iinclude -Isrc -c -o $@ $<
+
+# The test binary finds the CLI and the fixtures through these variables.
+test: $(BUILD)/test_moeflux
+	MOEFLUX_BIN=$(abspath $(BUILD)/moeflux) MOEFLUX_FIXTURES=$(abspath tests/fixtures) \
+	  $(BUILD)/test_moeflux -j2
+
+asan:
+	$(MAKE) BUILD=build/asan CFLAGS="-O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined" \
+	  LDFLAGS="-fsanitize=address,undefined" NVCC= test
+
+demo: $(BUILD)/moeflux
+	@rm -rf $(BUILD)/demo && mkdir -p $(BUILD)/demo
+	$(BUILD)/moeflux convert tests/fixtures/qwen3_5_moe_vl $(BUILD)/demo/qwen3_5_moe_vl.moeflux
+	$(BUILD)/moeflux info $(BUILD)/demo/qwen3_5_moe_vl.moeflux
+
+clean:
+	rm -rf build
+
+-include $(LIB_OBJ:.o=.d) $(CLI_OBJ:.o=.d) $(TEST_OBJ:.o=.d)
