@@ -51,7 +51,14 @@ size_t st_dtype_size(st_dtype t);
  * names). Validation: header length within the file, header is a JSON object, every entry
  * has a known dtype, a shape of non-negative ints and data_offsets [begin, end] with
  * begin <= end <= data size, end - begin == numel * dtype size, ranges do not overlap,
- * no duplicate names across shards. Errors name the file and the tensor. */
+ * no duplicate names across shards. Errors name the file and the tensor.
+ * Statuses: MF_ERR_IO when a file cannot be opened, stat'ed, read or mapped (a missing
+ * shard, no checkpoint in dir, dir missing); MF_ERR_UNSUPPORTED for a dtype string outside
+ * st_dtype (e.g. "F64"); MF_ERR_FORMAT for everything malformed (short or truncated file,
+ * bad header length, bad JSON, bad entries, overlaps, duplicates, index/shard mismatch);
+ * MF_ERR_NOMEM; MF_ERR_ARG for NULL arguments. ck need not be initialised; on any failure
+ * it is left zeroed with nothing held, so st_close on it is a no-op. Gaps between tensor
+ * ranges are allowed. */
 mf_status st_open_dir(st_checkpoint *ck, const char *dir, mf_err *err);
 /* Opens a single file. */
 mf_status st_open_file(st_checkpoint *ck, const char *path, mf_err *err);
