@@ -7,8 +7,9 @@ BUILD   ?= build
 WARN    := -Wall -Wextra -Wshadow -Wstrict-prototypes -Wmissing-prototypes -Wno-format-truncation -Werror
 DEPS_CFLAGS := $(shell pkg-config --cflags libcjson 2>/dev/null || echo -I/usr/include/cjson)
 DEPS_LIBS   := $(shell pkg-config --libs libcjson 2>/dev/null || echo -lcjson)
-CFLAGS  ?= -O2 -g
-CFLAGS  += -std=c11 -D_GNU_SOURCE $(WARN) -Iinclude -Isrc $(DEPS_CFLAGS) -pthread -MMD -MP
+OPT     ?= -O2 -g
+SAN     ?=
+CFLAGS  := $(OPT) $(SAN) -std=c11 -D_GNU_SOURCE $(WARN) -Iinclude -Isrc $(DEPS_CFLAGS) -pthread -MMD -MP
 LDLIBS  := $(DEPS_LIBS) -lm -pthread
 TEST_LIBS := -lcriterion
 
@@ -49,8 +50,8 @@ test: $(BUILD)/test_moeflux
 	  $(BUILD)/test_moeflux -j2
 
 asan:
-	$(MAKE) BUILD=build/asan CFLAGS="-O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined" \
-	  LDFLAGS="-fsanitize=address,undefined" NVCC= test
+	$(MAKE) BUILD=build/asan OPT="-O1 -g" NVCC= \
+	  SAN="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined" test
 
 demo: $(BUILD)/moeflux
 	@rm -rf $(BUILD)/demo && mkdir -p $(BUILD)/demo

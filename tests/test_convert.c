@@ -32,10 +32,11 @@ TestSuite(convert, .init = setup, .fini = teardown, .timeout = 120);
 
 static char *fixture(const char *name) { return th_join(th_fixtures(), name); }
 
-/* Runs `moeflux convert src out [extra...]`; returns the exit status, stderr in *err. */
+/* Runs `moeflux convert src out --quiet [e1 [e2 [e3 [e4]]]]` (NULL ends the extras);
+ * returns the exit status, stderr in *err. */
 static int run_convert(const char *src, const char *out, const char *e1, const char *e2,
                        const char *e3, const char *e4, char **err) {
-    char *argv[] = {(char *)th_bin(), "convert", (char *)src, (char *)out, (char *)e1,
+    char *argv[] = {(char *)th_bin(), "convert", (char *)src, (char *)out, "--quiet", (char *)e1,
                     (char *)e2, (char *)e3, (char *)e4, NULL};
     return th_run(argv, NULL, err);
 }
@@ -77,6 +78,7 @@ static const cJSON *cfg_field(const cJSON *cfg, const char *k) {
 
 static double cfg_num(const cJSON *cfg, const char *k, double def) {
     const cJSON *it = cfg_field(cfg, k);
+    if ((!it || cJSON_IsNull(it)) && !strcmp(k, "num_experts")) it = cfg_field(cfg, "num_local_experts");
     if (!it || cJSON_IsNull(it)) return def;
     return cJSON_IsBool(it) ? cJSON_IsTrue(it) : it->valuedouble;
 }
@@ -107,7 +109,7 @@ static uint64_t expert_bytes(int bits, uint64_t I, uint64_t H) {
 static void check_layout(const char *name, int expert_bits) {
     char *src = fixture(name), *out = th_join(g_tmp, "m.moeflux");
     char *err = NULL;
-    int rc = run_convert(src, out, "--quiet", NULL, NULL, NULL, &err);
+    int rc = run_convert(src, out, NULL, NULL, NULL, NULL, &err);
     cr_assert_eq(rc, 0, "convert %s failed (%d): %s", name, rc, err);
     cr_assert(!dir_has_tmp(g_tmp), "a temporary file was left behind");
     cJSON *info = run_info(out);
@@ -128,6 +130,7 @@ static void check_layout(const char *name, int expert_bits) {
         cr_assert_eq(num(info, same[i].info), cfg_num(cfg, same[i].cfg, -1), "%s: %s = %g, config says %g",
                      name, same[i].info, num(info, same[i].info), cfg_num(cfg, same[i].cfg, -1));
     cr_assert_eq(num(info, "tie_word_embeddings"), cfg_num(cfg, "tie_word_embeddings", 0));
+    /* transformers 5 names qwen3_moe's expert count num_local_experts */
     int L = (int)cfg_num(cfg, "num_hidden_layers", 0);
     const cJSON *lt = cfg_field(cfg, "layer_types"), *ilt = cJSON_GetObjectItemCaseSensitive(info, "layer_types");
     cr_assert_eq(cJSON_GetArraySize(ilt), L);
@@ -170,7 +173,7 @@ typedef struct pair {
 static void pair_open(pair *p, const char *name, const char *e1, const char *e2, const char *e3,
                       const char *e4) {
     char *src = fixture(name), *out = th_join(g_tmp, "v.moeflux"), *err = NULL;
-    int rc = run_convert(src, out, "--quiet", e1, e2, e3 ? e3 : e4, &err);
+    int rc = run_convert(src, out, e1, e2, e3, e4, &err);
     cr_assert_eq(rc, 0, "convert %s failed: %s", name, err);
     mf_err e;
     cr_assert_eq(mfpack_open(&p->f, out, &e), MF_OK, "%s", e.msg);

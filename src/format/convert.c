@@ -689,7 +689,8 @@ mf_status mf_convert(mf_converter *cv, const mf_convert_options *opt) {
     }
     c.L.extra_json = source_json(&c);
     mfpack_layout_finish(&c.L);
-    c.total = c.L.file_bytes - c.L.dense_offset;
+    for (size_t i = 0; i < c.n_items; i++)
+        c.total += quant_tensor_bytes(c.items[i].type, c.items[i].src.rows, c.items[i].src.cols);
 
     /* write to a temporary name in the output's directory, rename when complete */
     char tmp[4200];

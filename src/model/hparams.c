@@ -247,7 +247,9 @@ mf_status hparams_from_config_json(mf_hparams *hp, const char *json, const char 
         T(cfg_int(&c, "linear_conv_kernel_dim", 0, 4, 1, 64, &hp->lin_conv_kernel));
         T(cfg_int(&c, "shared_expert_intermediate_size", 1, 0, 1, 1 << 20, &hp->shared_inter));
     }
-    T(cfg_int(&c, "num_experts", 1, 0, 1, 1 << 16, &hp->n_experts));
+    /* transformers 5 writes qwen3_moe's expert count as num_local_experts */
+    T(cfg_int(&c, cfg_item(&c, "num_experts") ? "num_experts" : "num_local_experts", 1, 0, 1,
+              1 << 16, &hp->n_experts));
     T(cfg_int(&c, "num_experts_per_tok", 1, 0, 1, 1 << 16, &hp->top_k));
     T(cfg_int(&c, "moe_intermediate_size", 1, 0, 1, 1 << 20, &hp->moe_inter));
     if (hp->arch == MF_ARCH_QWEN3_5_MOE) hp->norm_topk_prob = 1;
