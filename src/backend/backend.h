@@ -1,0 +1,63 @@
+/* backend.h - the ops table every compute backend implements (CPU now, CUDA next), and the
+ * weight-matrix view the ops consume. Not the forward pass: model/forward.c calls these ops.
+ * All activations are f32, row-major; pointers are backend memory (host memory for the CPU). */
+#ifndef MF_BACKEND_BACKEND_H
+#define MF_BACKEND_BACKEND_H
+
+#include <stdint.h>
+
+#include "moeflux.h"
+
+/* A weight matrix [rows, cols] (out x in) in one storage type, laid out as
+ * quant_tensor_bytes describes (q4/q8: words | scales | biases for the whole matrix). */
+typedef struct mf_wmat {
+    mf_qtype type;
+    int64_t rows, cols;
+    const void *data;
+} mf_wmat;
+
+typedef struct mf_backend mf_backend;
+
+typedef struct mf_backend_ops {
+    const char *name;
+    void (*destroy)(mf_backend *b);
+    /* y[t][r] = sum_c W[r][c] * x[t][c] for t < n_tok; x [n_tok][cols], y [n_tok][rows]. */
+    void (*matmul)(mf_backend *b, const mf_wmat *w, const float *x, int64_t n_tok, float *y);
+    /* out[t][:] = row ids[t] of W, dequantized; out [n_tok][cols]. */
+    void (*embed)(mf_backend *b, const mf_wmat *w, const int32_t *ids, int64_t n_tok, float *out);
+    /* y[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w (w NULL: no scaling); x, y [n_rows][dim];
+     * y may equal x. */
+    void (*rmsnorm)(mf_backend *b, const float *x, const float *w, int64_t n_rows, int64_t dim,
+                    float eps, float *y);
+    /* Rotary embedding in place on x [n_tok][n_heads][head_dim]: for i < rot_dim/2 the pair
+     * (i, i + rot_dim/2) rotates by angle pos[t] * theta^(-2i/rot_dim) (rotate_half). */
+    void (*rope)(mf_backend *b, float *x, int64_t n_tok, int n_heads, int head_dim, int rot_dim,
+                 const int32_t *pos, double theta);
+    /* Causal attention with grouped KV heads: q [n_tok][n_heads][hd]; caches [n_ctx][n_kv][hd]
+     * already hold positions 0 .. pos0 + n_tok - 1; token t (position pos0 + t) attends to
+     * positions <= pos0 + t; head h reads kv head h / (n_heads / n_kv). out [n_tok][n_heads][hd]. */
+    void (*attention)(mf_backend *b, const float *q, const float *k_cache, const float *v_cache,
+                      int64_t pos0, int64_t n_tok, int n_heads, int n_kv, int hd, float scale,
+                      float *out);
+    /* Depthwise causal conv1d (kernel K, no bias) then SiLU: x, out [n_tok][C]; w [C][K];
+     * state [K-1][C] holds the previous K-1 inputs, oldest first, and is advanced. */
+    void (*conv1d_silu)(mf_backend *b, const float *x, float *state, const float *w,
+                        int64_t n_tok, int64_t C, int K, float *out);
+    /* Gated delta rule over n_tok steps. q, k [n_tok][Hk][dk] (L2-normalised, q pre-scaled),
+     * v [n_tok][Hv][dv], g (log decay) and beta [n_tok][Hv]; state S [Hv][dk][dv] advanced;
+     * v-head h reads k-head h / (Hv / Hk). Per step: S *= exp(g); kv = S^T k;
+     * S += k (x) (beta (v - kv)); out = S^T q. out [n_tok][Hv][dv]. */
+    void (*deltanet)(mf_backend *b, const float *q, const float *k, const float *v,
+                     const float *g, const float *beta, float *S, int64_t n_tok, int Hk, int Hv,
+                     int dk, int dv, float *out);
+} mf_backend_ops;
+
+struct mf_backend {
+    const mf_backend_ops *ops;
+};
+
+/* The CPU backend; n_threads <= 0 uses every online CPU; reference != 0 selects the plain
+ * scalar kernels (no SIMD, no tiling). */
+mf_backend *cpu_backend_create(int n_threads, int reference);
+
+#endif
