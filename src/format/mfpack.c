@@ -106,9 +106,11 @@ mf_status mfpack_layout_add_experts(mfpack_layout *L, int layer, int count, cons
         P->type = types[p];
         P->rows = p == 2 ? hidden : inter;
         P->cols = p == 2 ? inter : hidden;
-        if (!quant_type_fits(P->type, P->cols))
+        if (!quant_type_fits(P->type, P->cols)) {
+            L->n_expert_layers--; /* leave the layout as it was */
             return err_set(err, MF_ERR_ARG, "layer %d experts: %s needs in-dim multiple of %d",
                            layer, mf_qtype_name(P->type), QUANT_GROUP);
+        }
         P->offset = off;
         P->bytes = quant_tensor_bytes(P->type, P->rows, P->cols);
         off = align_up(off + P->bytes, MFPACK_PART_ALIGN);
@@ -342,6 +344,9 @@ static mf_status parse_manifest(mfpack_file *f, const cJSON *o, mf_err *err) {
                            path, name, (unsigned long long)bytes, (unsigned long long)t->bytes);
         if (off < L->dense_offset || off + bytes < off || off + bytes > L->experts_offset)
             return err_set(err, MF_ERR_FORMAT, "%s: tensor '%s' lies outside the dense region", path, name);
+        if (off % MFPACK_ALIGN)
+            return err_set(err, MF_ERR_FORMAT, "%s: tensor '%s' is not %u-byte aligned", path, name,
+                           MFPACK_ALIGN);
         t->offset = off;
     }
     cJSON_ArrayForEach(e, es) {
@@ -371,14 +376,16 @@ static mf_status parse_manifest(mfpack_file *f, const cJSON *o, mf_err *err) {
             uint64_t poff, pbytes;
             const cJSON *pe = cJSON_GetArrayItem(ps, p);
             if (!json_u64(pe, "offset", &poff) || !json_u64(pe, "bytes", &pbytes) ||
-                pbytes != E->parts[p].bytes || poff + pbytes > stride)
+                pbytes != E->parts[p].bytes || poff + pbytes > stride || poff % MFPACK_PART_ALIGN)
                 return err_set(err, MF_ERR_FORMAT, "%s: layer %llu expert part %s range is wrong", path,
                                (unsigned long long)layer, E->parts[p].name);
             E->parts[p].offset = poff;
         }
-        if (stride == 0 || off < L->experts_offset || stride > L->file_bytes ||
+        if (stride == 0 || stride % MFPACK_ALIGN || off % MFPACK_ALIGN || off < L->experts_offset ||
+            stride > L->file_bytes ||
             count > (L->file_bytes - off) / stride || off > L->file_bytes)
-            return err_set(err, MF_ERR_FORMAT, "%s: layer %llu experts lie outside the file", path,
+            return err_set(err, MF_ERR_FORMAT, "%s: layer %llu experts are misaligned or lie outside the file",
+                           path,
                            (unsigned long long)layer);
         E->offset = off;
         E->stride = stride;
@@ -432,7 +439,8 @@ mf_status mfpack_open(mfpack_file *f, const char *path, mf_err *err) {
     }
     if (get_u32(h + 12) != MFPACK_HEADER_BYTES || moff != MFPACK_HEADER_BYTES || mlen == 0 ||
         mlen > (256u << 20) || moff + mlen > f->L.dense_offset ||
-        f->L.dense_offset > f->L.experts_offset || f->L.experts_offset > f->L.file_bytes) {
+        f->L.dense_offset > f->L.experts_offset || f->L.experts_offset > f->L.file_bytes ||
+        f->L.dense_offset % MFPACK_ALIGN || f->L.experts_offset % MFPACK_ALIGN) {
         st = err_set(err, MF_ERR_FORMAT, "%s: header offsets are inconsistent", path);
         goto fail;
     }

@@ -120,10 +120,13 @@ static mf_status parse_layer_types(const cfg *c, mf_hparams *hp) {
             const char *s = cJSON_GetStringValue(e);
             if (s && !strcmp(s, "full_attention")) hp->layer_kind[i] = MF_LAYER_FULL_ATTENTION;
             else if (s && !strcmp(s, "linear_attention")) hp->layer_kind[i] = MF_LAYER_LINEAR_ATTENTION;
+            else if (!s)
+                return err_set(c->err, MF_ERR_FORMAT, "%s: layer_types[%d] is not a string",
+                               c->what, i);
             else
                 return err_set(c->err, MF_ERR_UNSUPPORTED,
                                "%s: layer_types[%d] = '%s' is not full_attention or linear_attention",
-                               c->what, i, s ? s : "(not a string)");
+                               c->what, i, s);
             i++;
         }
         return MF_OK;
@@ -235,7 +238,9 @@ mf_status hparams_from_config_json(mf_hparams *hp, const char *json, const char 
     T(cfg_bool(&c, "tie_word_embeddings", 0, &hp->tie_word_embeddings));
     T(cfg_int(&c, "num_attention_heads", 1, 0, 1, 1 << 12, &hp->n_heads));
     T(cfg_int(&c, "num_key_value_heads", 0, hp->n_heads, 1, 1 << 12, &hp->n_kv_heads));
-    T(cfg_int(&c, "head_dim", 0, hp->hidden / hp->n_heads, 1, 1 << 12, &hp->head_dim));
+    /* Qwen3_5MoeTextConfig and Qwen3NextConfig default head_dim to 256; qwen3_moe has none */
+    T(cfg_int(&c, "head_dim", 0, hybrid ? 256 : hp->hidden / hp->n_heads, 1, 1 << 12,
+              &hp->head_dim));
     T(cfg_rope(&c, "rope_theta", 10000.0, &hp->rope_theta));
     T(cfg_rope(&c, "partial_rotary_factor", hybrid ? 0.25 : 1.0, &hp->partial_rotary));
     if (hybrid) {
