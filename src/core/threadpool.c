@@ -70,13 +70,15 @@ mf_pool *pool_create(int n_threads) {
     }
     for (int i = 1; i < n_threads; i++) {
         worker_arg *wa = malloc(sizeof *wa);
+        if (wa) {
+            wa->p = p;
+            wa->id = i;
+        }
         if (!wa || pthread_create(&p->threads[i], NULL, worker, wa) != 0) {
             free(wa);
             p->n = i; /* run with the threads that started */
             break;
         }
-        wa->p = p;
-        wa->id = i;
     }
     return p;
 }
