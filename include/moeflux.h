@@ -62,6 +62,33 @@ mf_status mf_convert(mf_converter *c, const mf_convert_options *opt);
 const char *mf_converter_error(const mf_converter *c);
 void mf_converter_free(mf_converter *c);
 
+/* ---- synthetic models: random weights of a known shape, written as one .moeflux file ---- */
+
+typedef struct mf_synthesizer mf_synthesizer;
+
+typedef struct mf_synth_options {
+    const char *shape;        /* a built-in shape name, see mf_synth_shape_name */
+    const char *out_path;     /* written as out_path + ".tmp-*", renamed when complete */
+    int n_layers;             /* 0: the shape's layer count; else its first n_layers layers */
+    uint64_t seed;            /* same seed and options: byte-identical files */
+    mf_qtype experts_type;    /* default q4 */
+    mf_qtype dense_type;      /* default q8 (norms, conv1d, A_log, dt_bias f32; routers bf16) */
+    double skew;              /* >= 0; router popularity skew, 0 = uniform (formula in synth.c) */
+    int n_threads;            /* generating threads; 0 = every online CPU */
+    mf_progress_fn progress;  /* may be NULL; called from worker threads, one call at a time */
+    void *progress_user;
+} mf_synth_options;
+
+void mf_synth_options_init(mf_synth_options *opt);
+/* The i-th built-in shape name ("qwen3.6-35b-a3b", "tiny-qwen3.5", ...); NULL past the last. */
+const char *mf_synth_shape_name(int i);
+/* Always returns a handle (NULL only when out of memory); check mf_synthesizer_error. */
+mf_synthesizer *mf_synthesizer_new(void);
+/* Refuses an unknown shape, bad options, or an output whose filesystem lacks the space. */
+mf_status mf_synth(mf_synthesizer *s, const mf_synth_options *opt);
+const char *mf_synthesizer_error(const mf_synthesizer *s);
+void mf_synthesizer_free(mf_synthesizer *s);
+
 /* ---- packed models ---- */
 
 typedef struct mf_model mf_model;
@@ -74,6 +101,55 @@ void mf_model_free(mf_model *m);
 
 /* A JSON description of the model: arch, hyperparameters, sizes. Owned by the model. */
 const char *mf_model_info_json(mf_model *m);
+
+
+/* ---- running a model ---- */
+
+typedef struct mf_engine_options {
+    uint64_t expert_cache_bytes; /* RAM expert cache budget; 0 = default (a share of free RAM) */
+    int n_threads;               /* compute threads; 0 = every online CPU */
+    int io_threads;              /* parallel expert reads; 0 = default */
+    int o_direct;                /* read experts with O_DIRECT */
+    int reference;               /* plain reference kernels (no SIMD, one thread) */
+} mf_engine_options;
+
+void mf_engine_options_init(mf_engine_options *o);
+/* Reads the dense weights and opens the expert store; call once after mf_model_open. */
+mf_status mf_model_load(mf_model *m, const mf_engine_options *o);
+int mf_model_vocab(const mf_model *m);
+
+typedef struct mf_expert_stats {
+    uint64_t hits, misses, evictions, bytes_read, reads;
+    double read_seconds;
+    uint64_t budget_bytes, resident_bytes, peak_bytes;
+} mf_expert_stats;
+void mf_model_expert_stats(const mf_model *m, mf_expert_stats *st);
+void mf_model_reset_expert_stats(mf_model *m);
+
+typedef struct mf_session mf_session;
+
+typedef struct mf_session_options {
+    int max_ctx;       /* positions the session can hold; 0 = 4096 (capped by the model) */
+    int prefill_chunk; /* tokens per batched forward step; 0 = 64 */
+} mf_session_options;
+
+void mf_session_options_init(mf_session_options *o);
+/* On failure *out still receives a handle (unless out of memory) holding the message. */
+mf_status mf_session_new(mf_model *m, const mf_session_options *o, mf_session **out);
+const char *mf_session_error(const mf_session *s);
+void mf_session_free(mf_session *s);
+/* Runs n >= 1 tokens from the current position (batched in prefill chunks). logits may be
+ * NULL; else it receives float32 [n][vocab] when all_logits, or [vocab] for the last token. */
+mf_status mf_session_eval(mf_session *s, const int32_t *tokens, int n, float *logits, int all_logits);
+int mf_session_pos(const mf_session *s);
+void mf_session_reset(mf_session *s);
+/* Drops every position >= pos. Exact: attention caches are cut, linear-attention state is
+ * restored from the nearest checkpoint at or before pos and the tokens after it are re-run. */
+mf_status mf_session_truncate(mf_session *s, int pos);
+/* Saves / restores the whole state (positions, caches, recurrent state); a saved file is tied
+ * to the model it came from. Saving writes a temporary name and renames it. */
+mf_status mf_session_save(mf_session *s, const char *path);
+mf_status mf_session_load(mf_session *s, const char *path);
 
 #ifdef __cplusplus
 }

@@ -2,6 +2,8 @@
  * Not a test: holds no assertions. */
 #include "helpers.h"
 
+#include <cJSON.h>
+
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -158,4 +160,62 @@ void th_copy_dir(const char *src, const char *dst) {
         free(t);
     }
     closedir(d);
+}
+
+float *th_read_npy_f32(const char *path, int64_t *rows, int64_t *cols) {
+    size_t n;
+    unsigned char *buf = th_read_file(path, &n);
+    if (!buf || n < 10 || memcmp(buf, "\x93NUMPY", 6)) {
+        free(buf);
+        return NULL;
+    }
+    size_t hl, off;
+    if (buf[6] == 1) {
+        hl = (size_t)buf[8] | (size_t)buf[9] << 8;
+        off = 10;
+    } else {
+        hl = (size_t)buf[8] | (size_t)buf[9] << 8 | (size_t)buf[10] << 16 | (size_t)buf[11] << 24;
+        off = 12;
+    }
+    if (off + hl > n) {
+        free(buf);
+        return NULL;
+    }
+    char *hdr = strndup((char *)buf + off, hl);
+    long long a = 0, b = -1;
+    char *sh = strstr(hdr, "'shape': (");
+    int ok = hdr && strstr(hdr, "'descr': '<f4'") && strstr(hdr, "'fortran_order': False") && sh &&
+             sscanf(sh, "'shape': (%lld, %lld)", &a, &b) >= 1;
+    free(hdr);
+    if (b < 0) {
+        b = a;
+        a = 1;
+    }
+    size_t want = (size_t)a * (size_t)b * 4;
+    if (!ok || off + hl + want != n) {
+        free(buf);
+        return NULL;
+    }
+    float *data = malloc(want ? want : 1);
+    if (data) memcpy(data, buf + off + hl, want);
+    free(buf);
+    *rows = a;
+    *cols = b;
+    return data;
+}
+
+int32_t *th_json_ints(const char *path, const char *field, int *n) {
+    char *text = th_read_file(path, NULL);
+    if (!text) return NULL;
+    cJSON *o = cJSON_Parse(text);
+    free(text);
+    const cJSON *arr = cJSON_GetObjectItemCaseSensitive(o, field);
+    int32_t *ids = NULL;
+    if (cJSON_IsArray(arr)) {
+        *n = cJSON_GetArraySize(arr);
+        ids = malloc(sizeof(int32_t) * (size_t)(*n ? *n : 1));
+        for (int i = 0; ids && i < *n; i++) ids[i] = (int32_t)cJSON_GetArrayItem(arr, i)->valuedouble;
+    }
+    cJSON_Delete(o);
+    return ids;
 }

@@ -26,4 +26,10 @@ int th_write_file(const char *path, const void *data, size_t len);
 /* Joins a directory and a name into a malloc'd path. */
 char *th_join(const char *dir, const char *name);
 
+/* Reads a little-endian float32 .npy of 1 or 2 dims (C order); returns malloc'd data and the
+ * shape (rows = 1 for 1 dim); NULL when the file is not such an array. */
+float *th_read_npy_f32(const char *path, int64_t *rows, int64_t *cols);
+/* Reads an int array field of a JSON file (e.g. ref.json "prompt"); returns malloc'd ids. */
+int32_t *th_json_ints(const char *path, const char *field, int *n);
+
 #endif

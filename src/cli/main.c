@@ -1,12 +1,14 @@
 /* main.c - the moeflux command line: convert, info (more commands arrive with the engine).
  * Not library code: it sees only include/moeflux.h, and it is the only place that exits. */
 #include <cJSON.h>
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
 
+#include "cli/commands.h"
 #include "moeflux.h"
 
 static void usage(FILE *f) {
@@ -20,6 +22,12 @@ static void usage(FILE *f) {
             "      unless a type is given.\n"
             "  moeflux info MODEL [--json]\n"
             "      Describe a .moeflux file.\n"
+            "  moeflux synth SHAPE OUT [--layers N] [--seed S] [--experts T] [--dense T] [--skew S] [--quiet]\n"
+            "      Write a .moeflux file of a built-in shape with seeded random weights\n"
+            "      (moeflux synth --help lists the shapes and explains --skew).\n"
+            "  moeflux eval MODEL (--tokens 1,2,3 | --tokens-file F) [--logits-out F.npy] [--greedy N]\n"
+            "               [--json] [--stats] [--expert-cache-mb N] [--threads N] [--ctx N] [--chunk N]\n"
+            "      Run a prompt of token ids: logits of every position as .npy, then N greedy tokens.\n"
             "  moeflux help | --help,  moeflux version | --version\n",
             MF_VERSION_STRING);
 }
@@ -176,6 +184,133 @@ static int cmd_info(int argc, char **argv) {
     return 0;
 }
 
+static void synth_usage(FILE *f) {
+    fprintf(f,
+            "usage: moeflux synth SHAPE OUT [--layers N] [--seed S] [--experts T] [--dense T] [--skew S] [--quiet]\n"
+            "  Writes a .moeflux file of a built-in shape filled with random weights from --seed (same\n"
+            "  seed and options: same bytes), scaled so activations stay sane.\n"
+            "  --layers N   keep the first N layers (with their attention pattern); default all\n"
+            "  --seed S     unsigned 64-bit seed; default 0\n"
+            "  --experts T  routed experts: q4 (default), q8, bf16, f32\n"
+            "  --dense T    embedding, lm_head and other matrices: q8 (default), q4, bf16, f32\n"
+            "               (norms, conv1d, A_log, dt_bias are f32, routers bf16, as convert does)\n"
+            "  --skew S     expert popularity skew, S >= 0; default 0 = uniform routing. Layer l ranks\n"
+            "               its experts by a seeded permutation r (0 = most popular) and scales router\n"
+            "               row e by m_e = (1 + r_e)^(-S/4) / sqrt(mean_f (1 + r_f)^(-S/2)); wider logits\n"
+            "               win top-k more often, so popularity falls roughly as rank^-1 at S = 1\n"
+            "               (256 experts, top-8).\n"
+            "  --quiet      no progress bar or summary\n"
+            "shapes:\n");
+    for (int i = 0; mf_synth_shape_name(i); i++) fprintf(f, "  %s\n", mf_synth_shape_name(i));
+}
+
+typedef struct synth_bar {
+    bar b;
+    uint64_t total;
+} synth_bar;
+
+static void synth_progress(void *user, uint64_t done, uint64_t total) {
+    synth_bar *sb = user;
+    sb->total = total;
+    bar_update(&sb->b, done, total);
+}
+
+static int parse_u64(const char *s, uint64_t *out) {
+    if (!s || *s < '0' || *s > '9') return -1;
+    char *end;
+    errno = 0;
+    unsigned long long v = strtoull(s, &end, 10);
+    if (errno || *end) return -1;
+    *out = v;
+    return 0;
+}
+
+static int cmd_synth(int argc, char **argv) {
+    mf_synth_options opt;
+    mf_synth_options_init(&opt);
+    const char *pos[2] = {NULL, NULL};
+    int npos = 0, quiet = 0;
+    for (int i = 0; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        int takes = !strcmp(a, "--layers") || !strcmp(a, "--seed") || !strcmp(a, "--experts") ||
+                    !strcmp(a, "--dense") || !strcmp(a, "--skew");
+        if (takes && !v) {
+            fprintf(stderr, "moeflux synth: %s needs a value\n", a);
+            return 2;
+        }
+        uint64_t u;
+        char *end;
+        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
+            synth_usage(stdout);
+            return 0;
+        } else if (!strcmp(a, "--layers")) {
+            if (parse_u64(v, &u) || u < 1 || u > 100000) {
+                fprintf(stderr, "moeflux synth: --layers wants a positive layer count, not '%s'\n", v);
+                return 2;
+            }
+            opt.n_layers = (int)u;
+        } else if (!strcmp(a, "--seed")) {
+            if (parse_u64(v, &opt.seed)) {
+                fprintf(stderr, "moeflux synth: --seed wants an unsigned 64-bit integer, not '%s'\n", v);
+                return 2;
+            }
+        } else if (!strcmp(a, "--experts") || !strcmp(a, "--dense")) {
+            mf_qtype t;
+            if (mf_qtype_parse(v, &t) != MF_OK) {
+                fprintf(stderr, "moeflux synth: unknown type '%s' for %s (q4, q8, bf16, f32)\n", v, a);
+                return 2;
+            }
+            if (a[2] == 'e') opt.experts_type = t;
+            else opt.dense_type = t;
+        } else if (!strcmp(a, "--skew")) {
+            errno = 0;
+            opt.skew = strtod(v, &end);
+            if (errno || end == v || *end || !(opt.skew >= 0) || opt.skew > 1e6) {
+                fprintf(stderr, "moeflux synth: --skew wants a number >= 0, not '%s'\n", v);
+                return 2;
+            }
+        } else if (!strcmp(a, "--quiet") || !strcmp(a, "-q")) {
+            quiet = 1;
+        } else if (a[0] == '-' && a[1]) {
+            fprintf(stderr, "moeflux synth: unknown option '%s'\n", a);
+            return 2;
+        } else if (npos < 2) {
+            pos[npos++] = a;
+        } else {
+            fprintf(stderr, "moeflux synth: unexpected argument '%s'\n", a);
+            return 2;
+        }
+        if (takes) i++;
+    }
+    if (npos != 2) {
+        synth_usage(stderr);
+        return 2;
+    }
+    opt.shape = pos[0];
+    opt.out_path = pos[1];
+    synth_bar sb = {{!quiet && isatty(2), now_s(), 0}, 0};
+    opt.progress = synth_progress;
+    opt.progress_user = &sb;
+    mf_synthesizer *s = mf_synthesizer_new();
+    if (!s) {
+        fprintf(stderr, "moeflux synth: out of memory\n");
+        return 1;
+    }
+    mf_status st = mf_synth(s, &opt);
+    if (st != MF_OK) {
+        if (sb.b.tty && sb.total) fputc('\n', stderr);
+        fprintf(stderr, "moeflux synth: %s\n", mf_synthesizer_error(s));
+        mf_synthesizer_free(s);
+        return 1;
+    }
+    mf_synthesizer_free(s);
+    double el = now_s() - sb.b.start;
+    if (!quiet)
+        fprintf(stderr, "wrote %s: %.1f MB in %.2f s (%.0f MB/s)\n", opt.out_path, sb.total / 1e6, el,
+                el > 0 ? sb.total / el / 1e6 : 0.0);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     if (argc < 2) {
         usage(stderr);
@@ -184,6 +319,8 @@ int main(int argc, char **argv) {
     const char *cmd = argv[1];
     if (!strcmp(cmd, "convert")) return cmd_convert(argc - 2, argv + 2);
     if (!strcmp(cmd, "info")) return cmd_info(argc - 2, argv + 2);
+    if (!strcmp(cmd, "synth")) return cmd_synth(argc - 2, argv + 2);
+    if (!strcmp(cmd, "eval")) return cmd_eval(argc - 2, argv + 2);
     if (!strcmp(cmd, "help") || !strcmp(cmd, "--help") || !strcmp(cmd, "-h")) {
         usage(stdout);
         return 0;

@@ -16,7 +16,7 @@
 
 static uint64_t align_up(uint64_t x, uint64_t a) { return (x + a - 1) / a * a; }
 
-static uint64_t fnv1a64(const void *data, size_t n) {
+uint64_t mfpack_hash(const void *data, size_t n) {
     const unsigned char *p = data;
     uint64_t h = 1469598103934665603ull;
     for (size_t i = 0; i < n; i++) {
@@ -246,7 +246,7 @@ mf_status mfpack_write_header(const mfpack_layout *L, int fd, const char *path, 
     put_u32(h + 12, MFPACK_HEADER_BYTES);
     put_u64(h + 16, MFPACK_HEADER_BYTES);
     put_u64(h + 24, mlen);
-    put_u64(h + 32, fnv1a64(m, mlen));
+    put_u64(h + 32, mfpack_hash(m, mlen));
     put_u64(h + 40, L->dense_offset);
     put_u64(h + 48, L->experts_offset);
     put_u64(h + 56, L->file_bytes);
@@ -454,7 +454,7 @@ mf_status mfpack_open(mfpack_file *f, const char *path, mf_err *err) {
         goto fail;
     }
     f->manifest[mlen] = '\0';
-    if (fnv1a64(f->manifest, mlen) != sum) {
+    if (mfpack_hash(f->manifest, mlen) != sum) {
         st = err_set(err, MF_ERR_FORMAT, "%s: manifest checksum mismatch (corrupt file)", path);
         goto fail;
     }

@@ -87,6 +87,9 @@ typedef struct mfpack_file {
 mf_status mfpack_open(mfpack_file *f, const char *path, mf_err *err);
 void mfpack_close(mfpack_file *f);
 
+/* FNV-1a 64 of bytes (the manifest checksum). */
+uint64_t mfpack_hash(const void *data, size_t n);
+
 /* Bytes of one expert of a layer (sum of its parts, without padding). */
 uint64_t mfpack_expert_payload(const mfpack_expert_layer *E);
 

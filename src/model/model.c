@@ -4,17 +4,13 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <stdio.h>
+
 #include "core/err.h"
 #include "format/mfpack.h"
 #include "format/quant.h"
 #include "model/hparams.h"
-
-struct mf_model {
-    mf_err err;
-    mfpack_file file;
-    int open;
-    char *info;
-};
+#include "model/model_internal.h"
 
 mf_status mf_model_open(const char *path, mf_model **out) {
     mf_model *m = calloc(1, sizeof *m);
@@ -23,13 +19,91 @@ mf_status mf_model_open(const char *path, mf_model **out) {
     m->file.fd = -1;
     mf_status st = mfpack_open(&m->file, path, &m->err);
     m->open = st == MF_OK;
+    if (m->open) m->manifest_hash = mfpack_hash(m->file.manifest, strlen(m->file.manifest));
     return st;
+}
+
+void mf_engine_options_init(mf_engine_options *o) {
+    memset(o, 0, sizeof *o);
+}
+
+/* Bytes of RAM the kernel says are available (0 when unknown). */
+static uint64_t mem_available(void) {
+    FILE *f = fopen("/proc/meminfo", "r");
+    if (!f) return 0;
+    char line[256];
+    unsigned long long kb = 0;
+    while (fgets(line, sizeof line, f))
+        if (sscanf(line, "MemAvailable: %llu kB", &kb) == 1) break;
+    fclose(f);
+    return (uint64_t)kb * 1024;
+}
+
+mf_status mf_model_load(mf_model *m, const mf_engine_options *o) {
+    if (!m || !m->open) return MF_ERR_ARG;
+    if (m->loaded) return err_set(&m->err, MF_ERR_ARG, "model already loaded");
+    mf_engine_options def;
+    mf_engine_options_init(&def);
+    m->opt = o ? *o : def;
+    mf_status st = weights_load(&m->w, &m->file, &m->err);
+    if (st) return st;
+    m->be = cpu_backend_create(m->opt.n_threads, m->opt.reference);
+    if (!m->be) {
+        weights_free(&m->w);
+        return err_set(&m->err, MF_ERR_NOMEM, "cannot create the CPU backend");
+    }
+    expert_store_options so;
+    expert_store_options_init(&so);
+    so.budget_bytes = m->opt.expert_cache_bytes;
+    if (!so.budget_bytes) {
+        /* default: 40% of the available RAM, never more than all experts */
+        so.budget_bytes = mem_available() / 10 * 4;
+        if (so.budget_bytes > m->file.L.experts_bytes) so.budget_bytes = m->file.L.experts_bytes;
+    }
+    if (m->opt.io_threads > 0) so.io_threads = m->opt.io_threads;
+    so.o_direct = m->opt.o_direct;
+    st = expert_store_open(&m->store, &m->file, &so, &m->err);
+    if (st) {
+        m->be->ops->destroy(m->be);
+        m->be = NULL;
+        weights_free(&m->w);
+        return st;
+    }
+    m->loaded = 1;
+    return MF_OK;
+}
+
+int mf_model_vocab(const mf_model *m) { return m && m->open ? m->file.L.hp.vocab : 0; }
+
+void mf_model_expert_stats(const mf_model *m, mf_expert_stats *out) {
+    memset(out, 0, sizeof *out);
+    if (!m || !m->loaded) return;
+    expert_stats st;
+    expert_store_stats(m->store, &st);
+    out->hits = st.hits;
+    out->misses = st.misses;
+    out->evictions = st.evictions;
+    out->bytes_read = st.bytes_read;
+    out->reads = st.reads;
+    out->read_seconds = st.read_seconds;
+    out->budget_bytes = st.budget_bytes;
+    out->resident_bytes = st.resident_bytes;
+    out->peak_bytes = st.peak_bytes;
+}
+
+void mf_model_reset_expert_stats(mf_model *m) {
+    if (m && m->loaded) expert_store_reset_stats(m->store);
 }
 
 const char *mf_model_error(const mf_model *m) { return m ? m->err.msg : "out of memory"; }
 
 void mf_model_free(mf_model *m) {
     if (!m) return;
+    if (m->loaded) {
+        expert_store_close(m->store);
+        m->be->ops->destroy(m->be);
+        weights_free(&m->w);
+    }
     if (m->open) mfpack_close(&m->file);
     free(m->info);
     free(m);

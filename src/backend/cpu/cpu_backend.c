@@ -1,0 +1,211 @@
+/* cpu_backend.c - the CPU implementation of the backend ops table: plain loops, threaded over
+ * heads or rows where the work is large. Not the matrix products (cpu_matmul.c). */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend/backend.h"
+#include "backend/cpu/cpu_matmul.h"
+#include "core/threadpool.h"
+
+typedef struct cpu_backend {
+    mf_backend base;
+    mf_pool *pool;
+    int reference;
+} cpu_backend;
+
+static cpu_backend *cpu(mf_backend *b) { return (cpu_backend *)b; }
+
+static void cpu_destroy(mf_backend *b) {
+    if (!b) return;
+    pool_destroy(cpu(b)->pool);
+    free(b);
+}
+
+static void cpu_op_matmul(mf_backend *b, const mf_wmat *w, const float *x, int64_t n_tok, float *y) {
+    cpu_matmul(cpu(b)->pool, w, x, n_tok, y, cpu(b)->reference);
+}
+
+static void cpu_op_embed(mf_backend *b, const mf_wmat *w, const int32_t *ids, int64_t n_tok, float *out) {
+    (void)b;
+    for (int64_t t = 0; t < n_tok; t++) cpu_dequant_row(w, ids[t], out + t * w->cols);
+}
+
+static void cpu_op_rmsnorm(mf_backend *b, const float *x, const float *w, int64_t n_rows, int64_t dim,
+                           float eps, float *y) {
+    (void)b;
+    for (int64_t r = 0; r < n_rows; r++) {
+        const float *xr = x + r * dim;
+        float *yr = y + r * dim;
+        double ss = 0;
+        for (int64_t i = 0; i < dim; i++) ss += (double)xr[i] * xr[i];
+        float inv = (float)(1.0 / sqrt(ss / (double)dim + eps));
+        for (int64_t i = 0; i < dim; i++) yr[i] = w ? xr[i] * inv * w[i] : xr[i] * inv;
+    }
+}
+
+static void cpu_op_rope(mf_backend *b, float *x, int64_t n_tok, int n_heads, int head_dim, int rot_dim,
+                        const int32_t *pos, double theta) {
+    (void)b;
+    int half = rot_dim / 2;
+    for (int64_t t = 0; t < n_tok; t++) {
+        for (int i = 0; i < half; i++) {
+            double inv_freq = pow(theta, -2.0 * i / rot_dim);
+            /* f32 angle and cos/sin as the reference computes them */
+            float ang = (float)pos[t] * (float)inv_freq;
+            float c = cosf(ang), s = sinf(ang);
+            for (int h = 0; h < n_heads; h++) {
+                float *v = x + (t * n_heads + h) * head_dim;
+                float a = v[i], bb = v[i + half];
+                v[i] = a * c - bb * s;
+                v[i + half] = bb * c + a * s;
+            }
+        }
+    }
+}
+
+typedef struct attn_job {
+    const float *q, *kc, *vc;
+    int64_t pos0, n_tok;
+    int n_heads, n_kv, hd;
+    float scale;
+    float *out;
+    float *scores; /* [threads][pos0 + n_tok] */
+} attn_job;
+
+static void attn_rows(void *ctx, int64_t begin, int64_t end, int thread) {
+    attn_job *j = ctx;
+    int64_t n_ctx = j->pos0 + j->n_tok;
+    float *sc = j->scores + (int64_t)thread * n_ctx;
+    int group = j->n_heads / j->n_kv;
+    for (int64_t row = begin; row < end; row++) {
+        int64_t t = row / j->n_heads;
+        int h = (int)(row % j->n_heads), kvh = h / group;
+        const float *q = j->q + row * j->hd;
+        int64_t last = j->pos0 + t;
+        float mx = -INFINITY;
+        for (int64_t p = 0; p <= last; p++) {
+            const float *k = j->kc + (p * j->n_kv + kvh) * j->hd;
+            float d = 0;
+            for (int i = 0; i < j->hd; i++) d += q[i] * k[i];
+            sc[p] = d * j->scale;
+            if (sc[p] > mx) mx = sc[p];
+        }
+        double sum = 0;
+        for (int64_t p = 0; p <= last; p++) {
+            sc[p] = expf(sc[p] - mx);
+            sum += sc[p];
+        }
+        float inv = (float)(1.0 / sum);
+        float *o = j->out + row * j->hd;
+        memset(o, 0, sizeof(float) * (size_t)j->hd);
+        for (int64_t p = 0; p <= last; p++) {
+            const float *v = j->vc + (p * j->n_kv + kvh) * j->hd;
+            float wgt = sc[p] * inv;
+            for (int i = 0; i < j->hd; i++) o[i] += wgt * v[i];
+        }
+    }
+}
+
+static void cpu_op_attention(mf_backend *b, const float *q, const float *k_cache, const float *v_cache,
+                             int64_t pos0, int64_t n_tok, int n_heads, int n_kv, int hd, float scale,
+                             float *out) {
+    cpu_backend *c = cpu(b);
+    int nt = pool_size(c->pool);
+    attn_job j = {q, k_cache, v_cache, pos0, n_tok, n_heads, n_kv, hd, scale, out, NULL};
+    j.scores = malloc(sizeof(float) * (size_t)((pos0 + n_tok) * nt));
+    if (!j.scores) abort();
+    pool_for(c->reference ? NULL : c->pool, n_tok * n_heads, 1, attn_rows, &j);
+    free(j.scores);
+}
+
+static float silu(float x) { return x / (1.0f + expf(-x)); }
+
+static void cpu_op_conv1d_silu(mf_backend *b, const float *x, float *state, const float *w, int64_t n_tok,
+                               int64_t C, int K, float *out) {
+    (void)b;
+    for (int64_t t = 0; t < n_tok; t++) {
+        const float *xt = x + t * C;
+        float *ot = out + t * C;
+        for (int64_t ch = 0; ch < C; ch++) {
+            const float *wc = w + ch * K;
+            float acc = 0;
+            for (int k = 0; k < K - 1; k++) acc += wc[k] * state[k * C + ch];
+            acc += wc[K - 1] * xt[ch];
+            ot[ch] = silu(acc);
+        }
+        /* shift the window: drop the oldest input, append this one */
+        if (K > 1) {
+            memmove(state, state + C, sizeof(float) * (size_t)((K - 2) * C));
+            memcpy(state + (int64_t)(K - 2) * C, xt, sizeof(float) * (size_t)C);
+        }
+    }
+}
+
+typedef struct dn_job {
+    const float *q, *k, *v, *g, *beta;
+    float *S, *out;
+    int64_t n_tok;
+    int Hk, Hv, dk, dv;
+} dn_job;
+
+static void dn_heads(void *ctx, int64_t begin, int64_t end, int thread) {
+    (void)thread;
+    dn_job *j = ctx;
+    int ratio = j->Hv / j->Hk;
+    float kv[1024];
+    for (int64_t h = begin; h < end; h++) {
+        float *S = j->S + h * (int64_t)j->dk * j->dv; /* [dk][dv] */
+        int kh = (int)h / ratio;
+        for (int64_t t = 0; t < j->n_tok; t++) {
+            const float *q = j->q + (t * j->Hk + kh) * j->dk, *k = j->k + (t * j->Hk + kh) * j->dk;
+            const float *v = j->v + (t * j->Hv + h) * j->dv;
+            float decay = expf(j->g[t * j->Hv + h]), beta = j->beta[t * j->Hv + h];
+            float *o = j->out + (t * j->Hv + h) * j->dv;
+            for (int64_t i = 0; i < (int64_t)j->dk * j->dv; i++) S[i] *= decay;
+            for (int c = 0; c < j->dv; c++) kv[c] = 0;
+            for (int r = 0; r < j->dk; r++)
+                for (int c = 0; c < j->dv; c++) kv[c] += S[r * j->dv + c] * k[r];
+            for (int c = 0; c < j->dv; c++) kv[c] = (v[c] - kv[c]) * beta;
+            for (int r = 0; r < j->dk; r++)
+                for (int c = 0; c < j->dv; c++) S[r * j->dv + c] += k[r] * kv[c];
+            for (int c = 0; c < j->dv; c++) o[c] = 0;
+            for (int r = 0; r < j->dk; r++)
+                for (int c = 0; c < j->dv; c++) o[c] += S[r * j->dv + c] * q[r];
+        }
+    }
+}
+
+static void cpu_op_deltanet(mf_backend *b, const float *q, const float *k, const float *v, const float *g,
+                            const float *beta, float *S, int64_t n_tok, int Hk, int Hv, int dk, int dv,
+                            float *out) {
+    cpu_backend *c = cpu(b);
+    if (dv > 1024) abort();
+    dn_job j = {q, k, v, g, beta, S, out, n_tok, Hk, Hv, dk, dv};
+    pool_for(c->reference ? NULL : c->pool, Hv, 1, dn_heads, &j);
+}
+
+static const mf_backend_ops cpu_ops = {
+    .name = "cpu",
+    .destroy = cpu_destroy,
+    .matmul = cpu_op_matmul,
+    .embed = cpu_op_embed,
+    .rmsnorm = cpu_op_rmsnorm,
+    .rope = cpu_op_rope,
+    .attention = cpu_op_attention,
+    .conv1d_silu = cpu_op_conv1d_silu,
+    .deltanet = cpu_op_deltanet,
+};
+
+mf_backend *cpu_backend_create(int n_threads, int reference) {
+    cpu_backend *c = calloc(1, sizeof *c);
+    if (!c) return NULL;
+    c->base.ops = &cpu_ops;
+    c->reference = reference;
+    c->pool = pool_create(reference ? 1 : n_threads);
+    if (!c->pool) {
+        free(c);
+        return NULL;
+    }
+    return &c->base;
+}

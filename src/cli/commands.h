@@ -1,0 +1,16 @@
+/* commands.h - the moeflux subcommands implemented outside main.c.
+ * Not library code: commands see only include/moeflux.h. */
+#ifndef MF_CLI_COMMANDS_H
+#define MF_CLI_COMMANDS_H
+
+#include <stdint.h>
+
+/* argv holds the arguments after the command name; returns the process exit code. */
+int cmd_eval(int argc, char **argv);
+
+/* Writes float32 [rows][cols] as a .npy file through a temporary name; 0 on success. */
+int npy_write_f32(const char *path, const float *data, int64_t rows, int64_t cols);
+/* Parses a size with an optional unit suffix (k, m, g; binary) as megabytes when bare. */
+int parse_mb(const char *s, uint64_t *bytes);
+
+#endif

@@ -1,0 +1,65 @@
+/* model_internal.h - what the model handle and sessions share inside the library.
+ * Not public: the CLI sees only include/moeflux.h. */
+#ifndef MF_MODEL_INTERNAL_H
+#define MF_MODEL_INTERNAL_H
+
+#include "backend/backend.h"
+#include "core/err.h"
+#include "experts/store.h"
+#include "format/mfpack.h"
+#include "model/weights.h"
+
+struct mf_model {
+    mf_err err;
+    mfpack_file file;
+    int open, loaded;
+    char *info;
+    uint64_t manifest_hash;    /* identifies the model in saved sessions */
+    mf_engine_options opt;
+    model_weights w;
+    mf_backend *be;
+    expert_store *store;
+};
+
+/* Linear-attention state at one position, kept so truncation can restore it. */
+typedef struct lin_snapshot {
+    int pos;                   /* -1: empty */
+    float *data;               /* every linear layer's conv state then recurrent state */
+} lin_snapshot;
+
+#define SESSION_SNAPSHOTS 4
+
+struct mf_session {
+    mf_err err;
+    mf_model *m;
+    int max_ctx, chunk;
+    int pos;
+    int32_t *tokens;           /* [max_ctx] tokens at positions 0 .. pos-1 */
+    float **k_cache, **v_cache;/* per full-attention layer: [max_ctx][n_kv][head_dim]; NULL elsewhere */
+    float **conv_state;        /* per linear layer: [kernel-1][channels] */
+    float **rec_state;         /* per linear layer: [v heads][k dim][v dim] */
+    uint64_t lin_floats;       /* floats of all linear-layer state (one snapshot) */
+    lin_snapshot snaps[SESSION_SNAPSHOTS];
+    int snap_next;
+    /* scratch, sized for `chunk` tokens */
+    int32_t *positions;        /* [chunk] */
+    float *x;                  /* [chunk][hidden] residual stream */
+    float *h;                  /* [chunk][hidden] normed input of a block */
+    float *y;                  /* [chunk][hidden] block output */
+    float *big1, *big2, *big3, *big4, *big5; /* [chunk][max projection width] */
+    float *small1, *small2, *small3, *small4; /* [chunk][max(v heads, experts)] */
+    int32_t *topk_ids;         /* [chunk][top_k] */
+    float *topk_w;             /* [chunk][top_k] */
+    int32_t *expert_count;     /* [n_experts] tokens routed to each expert */
+    int32_t *expert_tok;       /* [chunk * top_k] token indices grouped by expert */
+    float *expert_tw;          /* [chunk * top_k] their routing weights */
+    int32_t *expert_start;     /* [n_experts + 1] */
+    int32_t *used_ids;         /* [n_experts] */
+    float *last_logits;        /* [vocab] */
+};
+
+/* Runs n <= chunk tokens at positions pos .. pos + n - 1 through every layer; writes logits
+ * [n][vocab] when all_logits, else only the last token's [vocab] (logits may be NULL). */
+mf_status forward_chunk(mf_session *s, const int32_t *tokens, int n, float *logits, int all_logits);
+
+#endif
