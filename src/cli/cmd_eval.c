@@ -135,13 +135,14 @@ static int print_stats(mf_model *m, double prefill_s, int n_prompt, double decod
     fprintf(stderr,
             "prefill: %d tokens in %.3f s (%.1f tok/s); decode: %d tokens in %.3f s (%.1f tok/s)\n"
             "experts: %llu hits, %llu misses (hit rate %.1f%%), %llu evictions, %.1f MB read in %llu reads "
-            "(%.2f GB/s), cache budget %.1f MB, peak %.1f MB\n",
+            "(%.2f GB/s), cache budget %.1f MB, peak %.1f MB\n"
+            "peak RSS %.1f MB\n",
             n_prompt, prefill_s, prefill_s > 0 ? n_prompt / prefill_s : 0.0, n_gen, decode_s,
             decode_s > 0 ? n_gen / decode_s : 0.0, (unsigned long long)st.hits,
             (unsigned long long)st.misses, uses ? 100.0 * st.hits / uses : 0.0,
             (unsigned long long)st.evictions, st.bytes_read / 1e6, (unsigned long long)st.reads,
             st.read_seconds > 0 ? st.bytes_read / st.read_seconds / 1e9 : 0.0, st.budget_bytes / 1e6,
-            st.peak_bytes / 1e6);
+            st.peak_bytes / 1e6, peak_rss_bytes() / 1e6);
     return 0;
 }
 

@@ -7,6 +7,10 @@
 
 /* argv holds the arguments after the command name; returns the process exit code. */
 int cmd_eval(int argc, char **argv);
+int cmd_bench(int argc, char **argv);
+
+/* The process's peak resident set (VmHWM), 0 when unknown. */
+uint64_t peak_rss_bytes(void);
 
 /* Writes float32 [rows][cols] as a .npy file through a temporary name; 0 on success. */
 int npy_write_f32(const char *path, const float *data, int64_t rows, int64_t cols);

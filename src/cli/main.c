@@ -28,6 +28,8 @@ static void usage(FILE *f) {
             "  moeflux eval MODEL (--tokens 1,2,3 | --tokens-file F) [--logits-out F.npy] [--greedy N]\n"
             "               [--json] [--stats] [--expert-cache-mb N] [--threads N] [--ctx N] [--chunk N]\n"
             "      Run a prompt of token ids: logits of every position as .npy, then N greedy tokens.\n"
+            "  moeflux bench MODEL [--prompt-tokens N] [--gen-tokens N] [--json] [--expert-cache-mb N]\n"
+            "      Time prefill and decode on random tokens; expert cache and memory figures.\n"
             "  moeflux help | --help,  moeflux version | --version\n",
             MF_VERSION_STRING);
 }
@@ -321,6 +323,7 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "info")) return cmd_info(argc - 2, argv + 2);
     if (!strcmp(cmd, "synth")) return cmd_synth(argc - 2, argv + 2);
     if (!strcmp(cmd, "eval")) return cmd_eval(argc - 2, argv + 2);
+    if (!strcmp(cmd, "bench")) return cmd_bench(argc - 2, argv + 2);
     if (!strcmp(cmd, "help") || !strcmp(cmd, "--help") || !strcmp(cmd, "-h")) {
         usage(stdout);
         return 0;

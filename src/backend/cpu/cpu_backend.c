@@ -176,13 +176,124 @@ static void dn_heads(void *ctx, int64_t begin, int64_t end, int thread) {
     }
 }
 
+/* The chunked form (transformers' torch_chunk_gated_delta_rule, without padding): within a
+ * chunk of c tokens the c delta-rule updates are condensed by solving the unit lower-triangular
+ * system (I + L) with L[i][j] = (beta_i k_i . k_j) exp(G_i - G_j), G the cumulative log decay;
+ * then the chunk reads the incoming state once and writes it once. Same result as the
+ * recurrence up to rounding; used for prefill. */
+#define DN_CHUNK 64
+
+static void dn_chunked_heads(void *ctx, int64_t begin, int64_t end, int thread) {
+    (void)thread;
+    dn_job *j = ctx;
+    int ratio = j->Hv / j->Hk, dk = j->dk, dv = j->dv;
+    float *scratch = malloc(sizeof(float) * (size_t)(DN_CHUNK * (DN_CHUNK + 2 * dk + 3 * dv + 2)));
+    if (!scratch) abort();
+    float *L = scratch;                   /* [c][c] */
+    float *U = L + DN_CHUNK * DN_CHUNK;   /* [c][dv] solved values, then v_new */
+    float *W = U + DN_CHUNK * dv;         /* [c][dk] solved decayed keys */
+    float *O = W + DN_CHUNK * dk;         /* [c][dv] */
+    float *KS = O + DN_CHUNK * dv;        /* [c][dv] W S */
+    float *kd = KS + DN_CHUNK * dv;       /* [c][dk] k exp(G_last - G_i) */
+    float *G = kd + DN_CHUNK * dk;        /* [c] cumulative log decay */
+    float *beta = G + DN_CHUNK;           /* [c] */
+    for (int64_t h = begin; h < end; h++) {
+        float *S = j->S + h * (int64_t)dk * dv; /* [dk][dv] */
+        int kh = (int)h / ratio;
+        for (int64_t t0 = 0; t0 < j->n_tok; t0 += DN_CHUNK) {
+            int c = (int)(j->n_tok - t0 < DN_CHUNK ? j->n_tok - t0 : DN_CHUNK);
+#define QV(i) (j->q + ((t0 + (i)) * j->Hk + kh) * dk)
+#define KV(i) (j->k + ((t0 + (i)) * j->Hk + kh) * dk)
+#define VV(i) (j->v + ((t0 + (i)) * j->Hv + h) * dv)
+            float acc = 0;
+            for (int i = 0; i < c; i++) {
+                acc += j->g[(t0 + i) * j->Hv + h];
+                G[i] = acc;
+                beta[i] = j->beta[(t0 + i) * j->Hv + h];
+            }
+            /* L (strictly lower) and the two right-hand sides */
+            for (int i = 0; i < c; i++) {
+                const float *ki = KV(i), *vi = VV(i);
+                for (int jj = 0; jj < i; jj++) {
+                    const float *kj = KV(jj);
+                    float d = 0;
+                    for (int r = 0; r < dk; r++) d += ki[r] * kj[r];
+                    L[i * DN_CHUNK + jj] = beta[i] * d * expf(G[i] - G[jj]);
+                }
+                for (int e = 0; e < dv; e++) U[i * dv + e] = vi[e] * beta[i];
+                float gi = expf(G[i]);
+                for (int r = 0; r < dk; r++) W[i * dk + r] = ki[r] * beta[i] * gi;
+            }
+            /* forward substitution: row i -= sum_{j<i} L[i][j] row j */
+            for (int i = 1; i < c; i++)
+                for (int jj = 0; jj < i; jj++) {
+                    float l = L[i * DN_CHUNK + jj];
+                    for (int e = 0; e < dv; e++) U[i * dv + e] -= l * U[jj * dv + e];
+                    for (int r = 0; r < dk; r++) W[i * dk + r] -= l * W[jj * dk + r];
+                }
+            /* v_new = U - W S; inter-chunk read O = (q exp(G)) S */
+            for (int i = 0; i < c; i++) {
+                const float *qi = QV(i);
+                float gi = expf(G[i]);
+                for (int e = 0; e < dv; e++) {
+                    KS[i * dv + e] = 0;
+                    O[i * dv + e] = 0;
+                }
+                for (int r = 0; r < dk; r++) {
+                    const float *Sr = S + (int64_t)r * dv;
+                    float w = W[i * dk + r], qq = qi[r] * gi;
+                    for (int e = 0; e < dv; e++) {
+                        KS[i * dv + e] += w * Sr[e];
+                        O[i * dv + e] += qq * Sr[e];
+                    }
+                }
+                for (int e = 0; e < dv; e++) U[i * dv + e] -= KS[i * dv + e];
+            }
+            /* intra-chunk attention, causal with the diagonal */
+            for (int i = 0; i < c; i++) {
+                const float *qi = QV(i);
+                float *oi = j->out + ((t0 + i) * j->Hv + h) * dv;
+                for (int jj = 0; jj <= i; jj++) {
+                    const float *kj = KV(jj);
+                    float d = 0;
+                    for (int r = 0; r < dk; r++) d += qi[r] * kj[r];
+                    d *= expf(G[i] - G[jj]);
+                    for (int e = 0; e < dv; e++) O[i * dv + e] += d * U[jj * dv + e];
+                }
+                memcpy(oi, O + i * dv, sizeof(float) * (size_t)dv);
+            }
+            /* state update: S = S exp(G_last) + sum_i (k_i exp(G_last - G_i)) (x) v_new_i */
+            float glast = G[c - 1], dlast = expf(glast);
+            for (int i = 0; i < c; i++) {
+                const float *ki = KV(i);
+                float f = expf(glast - G[i]);
+                for (int r = 0; r < dk; r++) kd[i * dk + r] = ki[r] * f;
+            }
+            for (int r = 0; r < dk; r++) {
+                float *Sr = S + (int64_t)r * dv;
+                for (int e = 0; e < dv; e++) Sr[e] *= dlast;
+                for (int i = 0; i < c; i++) {
+                    float kr = kd[i * dk + r];
+                    const float *ui = U + i * dv;
+                    for (int e = 0; e < dv; e++) Sr[e] += kr * ui[e];
+                }
+            }
+#undef QV
+#undef KV
+#undef VV
+        }
+    }
+    free(scratch);
+}
+
 static void cpu_op_deltanet(mf_backend *b, const float *q, const float *k, const float *v, const float *g,
                             const float *beta, float *S, int64_t n_tok, int Hk, int Hv, int dk, int dv,
                             float *out) {
     cpu_backend *c = cpu(b);
     if (dv > 1024) abort();
     dn_job j = {q, k, v, g, beta, S, out, n_tok, Hk, Hv, dk, dv};
-    pool_for(c->reference ? NULL : c->pool, Hv, 1, dn_heads, &j);
+    /* prefill of several tokens takes the chunked form; the reference keeps the recurrence */
+    pool_for(c->reference ? NULL : c->pool, Hv, 1, !c->reference && n_tok >= 8 ? dn_chunked_heads : dn_heads, &j);
 }
 
 static const mf_backend_ops cpu_ops = {
