@@ -18,9 +18,18 @@ typedef struct mf_wmat {
 
 typedef struct mf_backend mf_backend;
 
+/* The largest work a session will hand the ops, so kernels never allocate while running. */
+typedef struct mf_backend_limits {
+    int64_t max_ctx;    /* positions an attention op may read */
+    int64_t max_tokens; /* tokens in one call */
+    int max_head_dim;   /* largest k or v head dim of the linear attention */
+} mf_backend_limits;
+
 typedef struct mf_backend_ops {
     const char *name;
     void (*destroy)(mf_backend *b);
+    /* Grows the backend's scratch to serve calls within lim (never shrinks). */
+    mf_status (*reserve)(mf_backend *b, const mf_backend_limits *lim);
     /* y[t][r] = sum_c W[r][c] * x[t][c] for t < n_tok; x [n_tok][cols], y [n_tok][rows]. */
     void (*matmul)(mf_backend *b, const mf_wmat *w, const float *x, int64_t n_tok, float *y);
     /* out[t][:] = row ids[t] of W, dequantized; out [n_tok][cols]. */

@@ -12,6 +12,9 @@ typedef struct cpu_backend {
     mf_backend base;
     mf_pool *pool;
     int reference;
+    int n_threads;
+    float *scratch;          /* [n_threads][scratch_floats] per-thread work space */
+    size_t scratch_floats;
 } cpu_backend;
 
 static cpu_backend *cpu(mf_backend *b) { return (cpu_backend *)b; }
@@ -19,7 +22,30 @@ static cpu_backend *cpu(mf_backend *b) { return (cpu_backend *)b; }
 static void cpu_destroy(mf_backend *b) {
     if (!b) return;
     pool_destroy(cpu(b)->pool);
+    free(cpu(b)->scratch);
     free(b);
+}
+
+#define DN_CHUNK 64
+
+/* Per thread: attention scores over the context, or the chunked delta rule's work arrays. */
+static size_t scratch_need(const mf_backend_limits *lim) {
+    size_t d = (size_t)(lim->max_head_dim > 0 ? lim->max_head_dim : 1);
+    size_t attn = (size_t)lim->max_ctx;
+    size_t dn = DN_CHUNK * (DN_CHUNK + 5 * d + 2);
+    return attn > dn ? attn : dn;
+}
+
+static mf_status cpu_reserve(mf_backend *b, const mf_backend_limits *lim) {
+    cpu_backend *c = cpu(b);
+    size_t need = scratch_need(lim);
+    if (need <= c->scratch_floats) return MF_OK;
+    float *ns = malloc(sizeof(float) * need * (size_t)c->n_threads);
+    if (!ns) return MF_ERR_NOMEM;
+    free(c->scratch);
+    c->scratch = ns;
+    c->scratch_floats = need;
+    return MF_OK;
 }
 
 static void cpu_op_matmul(mf_backend *b, const mf_wmat *w, const float *x, int64_t n_tok, float *y) {
@@ -70,13 +96,13 @@ typedef struct attn_job {
     int n_heads, n_kv, hd;
     float scale;
     float *out;
-    float *scores; /* [threads][pos0 + n_tok] */
+    float *scores; /* [threads][stride] */
+    size_t stride;
 } attn_job;
 
 static void attn_rows(void *ctx, int64_t begin, int64_t end, int thread) {
     attn_job *j = ctx;
-    int64_t n_ctx = j->pos0 + j->n_tok;
-    float *sc = j->scores + (int64_t)thread * n_ctx;
+    float *sc = j->scores + (size_t)thread * j->stride;
     int group = j->n_heads / j->n_kv;
     for (int64_t row = begin; row < end; row++) {
         int64_t t = row / j->n_heads;
@@ -111,12 +137,9 @@ static void cpu_op_attention(mf_backend *b, const float *q, const float *k_cache
                              int64_t pos0, int64_t n_tok, int n_heads, int n_kv, int hd, float scale,
                              float *out) {
     cpu_backend *c = cpu(b);
-    int nt = pool_size(c->pool);
-    attn_job j = {q, k_cache, v_cache, pos0, n_tok, n_heads, n_kv, hd, scale, out, NULL};
-    j.scores = malloc(sizeof(float) * (size_t)((pos0 + n_tok) * nt));
-    if (!j.scores) abort();
+    attn_job j = {q, k_cache, v_cache, pos0, n_tok, n_heads, n_kv, hd, scale, out, c->scratch, c->scratch_floats};
+    if ((size_t)(pos0 + n_tok) > c->scratch_floats) abort(); /* a caller skipped reserve */
     pool_for(c->reference ? NULL : c->pool, n_tok * n_heads, 1, attn_rows, &j);
-    free(j.scores);
 }
 
 static float silu(float x) { return x / (1.0f + expf(-x)); }
@@ -147,13 +170,14 @@ typedef struct dn_job {
     float *S, *out;
     int64_t n_tok;
     int Hk, Hv, dk, dv;
+    float *scratch;     /* [threads][stride] */
+    size_t stride;
 } dn_job;
 
 static void dn_heads(void *ctx, int64_t begin, int64_t end, int thread) {
-    (void)thread;
     dn_job *j = ctx;
     int ratio = j->Hv / j->Hk;
-    float kv[1024];
+    float *kv = j->scratch + (size_t)thread * j->stride; /* [dv] */
     for (int64_t h = begin; h < end; h++) {
         float *S = j->S + h * (int64_t)j->dk * j->dv; /* [dk][dv] */
         int kh = (int)h / ratio;
@@ -181,15 +205,10 @@ static void dn_heads(void *ctx, int64_t begin, int64_t end, int thread) {
  * system (I + L) with L[i][j] = (beta_i k_i . k_j) exp(G_i - G_j), G the cumulative log decay;
  * then the chunk reads the incoming state once and writes it once. Same result as the
  * recurrence up to rounding; used for prefill. */
-#define DN_CHUNK 64
-
 static void dn_chunked_heads(void *ctx, int64_t begin, int64_t end, int thread) {
-    (void)thread;
     dn_job *j = ctx;
     int ratio = j->Hv / j->Hk, dk = j->dk, dv = j->dv;
-    float *scratch = malloc(sizeof(float) * (size_t)(DN_CHUNK * (DN_CHUNK + 2 * dk + 3 * dv + 2)));
-    if (!scratch) abort();
-    float *L = scratch;                   /* [c][c] */
+    float *L = j->scratch + (size_t)thread * j->stride;                   /* [c][c] */
     float *U = L + DN_CHUNK * DN_CHUNK;   /* [c][dv] solved values, then v_new */
     float *W = U + DN_CHUNK * dv;         /* [c][dk] solved decayed keys */
     float *O = W + DN_CHUNK * dk;         /* [c][dv] */
@@ -283,15 +302,14 @@ static void dn_chunked_heads(void *ctx, int64_t begin, int64_t end, int thread) 
 #undef VV
         }
     }
-    free(scratch);
 }
 
 static void cpu_op_deltanet(mf_backend *b, const float *q, const float *k, const float *v, const float *g,
                             const float *beta, float *S, int64_t n_tok, int Hk, int Hv, int dk, int dv,
                             float *out) {
     cpu_backend *c = cpu(b);
-    if (dv > 1024) abort();
-    dn_job j = {q, k, v, g, beta, S, out, n_tok, Hk, Hv, dk, dv};
+    dn_job j = {q, k, v, g, beta, S, out, n_tok, Hk, Hv, dk, dv, c->scratch, c->scratch_floats};
+    if ((size_t)DN_CHUNK * (DN_CHUNK + 5 * (size_t)(dk > dv ? dk : dv) + 2) > c->scratch_floats) abort();
     /* prefill of several tokens takes the chunked form; the reference keeps the recurrence */
     pool_for(c->reference ? NULL : c->pool, Hv, 1, !c->reference && n_tok >= 8 ? dn_chunked_heads : dn_heads, &j);
 }
@@ -299,6 +317,7 @@ static void cpu_op_deltanet(mf_backend *b, const float *q, const float *k, const
 static const mf_backend_ops cpu_ops = {
     .name = "cpu",
     .destroy = cpu_destroy,
+    .reserve = cpu_reserve,
     .matmul = cpu_op_matmul,
     .embed = cpu_op_embed,
     .rmsnorm = cpu_op_rmsnorm,
@@ -318,5 +337,6 @@ mf_backend *cpu_backend_create(int n_threads, int reference) {
         free(c);
         return NULL;
     }
+    c->n_threads = pool_size(c->pool);
     return &c->base;
 }
