@@ -2,7 +2,7 @@
 # install-deps.sh - installs the Debian packages moeflux builds and tests with, when missing.
 # Not a build step: it only runs apt-get (through sudo when not root).
 set -eu
-pkgs="build-essential pkg-config libcjson-dev libcriterion-dev"
+pkgs="build-essential pkg-config libcjson-dev libcriterion-dev libpcre2-dev libutf8proc-dev"
 missing=""
 for p in $pkgs; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
