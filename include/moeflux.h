@@ -151,6 +151,25 @@ mf_status mf_session_truncate(mf_session *s, int pos);
 mf_status mf_session_save(mf_session *s, const char *path);
 mf_status mf_session_load(mf_session *s, const char *path);
 
+/* ---- sampling ---- */
+
+typedef struct mf_sampler_params {
+    float temperature;        /* 0: greedy (argmax) */
+    int top_k;                /* 0: off */
+    float top_p;              /* 1: off */
+    float min_p;              /* 0: off */
+    float repetition_penalty; /* 1: off; transformers' rule: positive logits divided, negative multiplied */
+    float presence_penalty;   /* 0: off; subtracted once from every token already seen */
+    float frequency_penalty;  /* 0: off; subtracted per occurrence */
+    int penalty_last_n;       /* how many recent tokens the penalties look at; 0: all */
+    uint64_t seed;
+} mf_sampler_params;
+
+/* Greedy defaults: temperature 0, top_k 0, top_p 1, min_p 0, penalties off, seed 0. */
+void mf_sampler_params_init(mf_sampler_params *p);
+/* Refuses values out of range with a message in err (at least 128 bytes). */
+mf_status mf_sampler_params_check(const mf_sampler_params *p, char *err, size_t errlen);
+
 #ifdef __cplusplus
 }
 #endif

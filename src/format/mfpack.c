@@ -140,7 +140,51 @@ static void assign_offsets(mfpack_layout *L, uint64_t dense_offset) {
         off += E->stride * (uint64_t)E->count;
     }
     L->experts_bytes = off - L->experts_offset;
+    for (int i = 0; i < L->n_files; i++) {
+        off = align_up(off, MFPACK_PART_ALIGN);
+        L->files[i].offset = off;
+        off += L->files[i].bytes;
+    }
     L->file_bytes = off;
+}
+
+mf_status mfpack_layout_add_file(mfpack_layout *L, const char *name, uint64_t bytes, mf_err *err) {
+    if (L->n_files == MFPACK_MAX_FILES) return err_set(err, MF_ERR_ARG, "too many carried files");
+    if (strlen(name) >= sizeof L->files[0].name || !name[0] || strchr(name, '/'))
+        return err_set(err, MF_ERR_ARG, "bad carried file name '%s'", name);
+    if (mfpack_find_blob(L, name)) return err_set(err, MF_ERR_ARG, "file '%s' carried twice", name);
+    mfpack_blob *b = &L->files[L->n_files++];
+    snprintf(b->name, sizeof b->name, "%s", name);
+    b->bytes = bytes;
+    b->offset = 0;
+    return MF_OK;
+}
+
+const mfpack_blob *mfpack_find_blob(const mfpack_layout *L, const char *name) {
+    for (int i = 0; i < L->n_files; i++)
+        if (!strcmp(L->files[i].name, name)) return &L->files[i];
+    return NULL;
+}
+
+mf_status mfpack_read_blob(const mfpack_file *f, const char *name, char **data, size_t *len, mf_err *err) {
+    const mfpack_blob *b = mfpack_find_blob(&f->L, name);
+    if (!b) return err_set(err, MF_ERR_ARG, "%s: the model carries no %s", f->path, name);
+    char *buf = malloc(b->bytes + 1);
+    if (!buf) return err_set(err, MF_ERR_NOMEM, "%s: out of memory reading %s", f->path, name);
+    uint64_t done = 0;
+    while (done < b->bytes) {
+        ssize_t r = pread(f->fd, buf + done, b->bytes - done, (off_t)(b->offset + done));
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0) {
+            free(buf);
+            return err_set(err, MF_ERR_IO, "%s: cannot read %s", f->path, name);
+        }
+        done += (uint64_t)r;
+    }
+    buf[b->bytes] = '\0';
+    *data = buf;
+    if (len) *len = b->bytes;
+    return MF_OK;
 }
 
 void mfpack_layout_finish(mfpack_layout *L) {
@@ -188,6 +232,16 @@ char *mfpack_manifest_json(const mfpack_layout *L) {
         cJSON_AddNumberToObject(e, "offset", (double)t->offset);
         cJSON_AddNumberToObject(e, "bytes", (double)t->bytes);
         cJSON_AddItemToArray(ts, e);
+    }
+    if (L->n_files) {
+        cJSON *fs = cJSON_AddArrayToObject(o, "files");
+        for (int i = 0; i < L->n_files; i++) {
+            cJSON *e = cJSON_CreateObject();
+            cJSON_AddStringToObject(e, "name", L->files[i].name);
+            cJSON_AddNumberToObject(e, "offset", (double)L->files[i].offset);
+            cJSON_AddNumberToObject(e, "bytes", (double)L->files[i].bytes);
+            cJSON_AddItemToArray(fs, e);
+        }
     }
     cJSON *es = cJSON_AddArrayToObject(o, "experts");
     for (int i = 0; i < L->n_expert_layers; i++) {
@@ -389,6 +443,23 @@ static mf_status parse_manifest(mfpack_file *f, const cJSON *o, mf_err *err) {
                            (unsigned long long)layer);
         E->offset = off;
         E->stride = stride;
+    }
+    const cJSON *fs = cJSON_GetObjectItemCaseSensitive(o, "files");
+    if (fs) {
+        uint64_t lo = L->experts_offset + L->experts_bytes;
+        if (!cJSON_IsArray(fs) || lo < L->experts_offset)
+            return err_set(err, MF_ERR_FORMAT, "%s: manifest files table is malformed", path);
+        cJSON_ArrayForEach(e, fs) {
+            const char *name = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(e, "name"));
+            uint64_t off, bytes;
+            if (!name || !json_u64(e, "offset", &off) || !json_u64(e, "bytes", &bytes) ||
+                mfpack_layout_add_file(L, name, bytes, err))
+                return err_set(err, MF_ERR_FORMAT, "%s: manifest file entry '%s' is malformed", path,
+                               name ? name : "(unnamed)");
+            if (off < lo || off + bytes < off || off + bytes > L->file_bytes)
+                return err_set(err, MF_ERR_FORMAT, "%s: carried file '%s' lies outside the file", path, name);
+            L->files[L->n_files - 1].offset = off;
+        }
     }
     for (int i = 0; i < L->hp.n_layers; i++)
         if (L->hp.layer_moe[i] && !mfpack_experts(L, i))

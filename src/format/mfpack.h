@@ -43,6 +43,16 @@ typedef struct mfpack_expert_layer {
     mfpack_part parts[MFPACK_EXPERT_PARTS];
 } mfpack_expert_layer;
 
+#define MFPACK_MAX_FILES 16
+
+/* A file carried along whole (tokenizer.json, tokenizer_config.json, generation_config.json),
+ * stored after the experts. */
+typedef struct mfpack_blob {
+    char name[64];
+    uint64_t offset;                 /* absolute */
+    uint64_t bytes;
+} mfpack_blob;
+
 /* The whole table of contents; the writer fills it, the reader parses it. */
 typedef struct mfpack_layout {
     mf_hparams hp;
@@ -54,6 +64,8 @@ typedef struct mfpack_layout {
     uint64_t experts_offset, experts_bytes;
     uint64_t file_bytes;
     char *extra_json;                /* optional JSON object text stored as manifest "source" */
+    mfpack_blob files[MFPACK_MAX_FILES];
+    int n_files;
 } mfpack_layout;
 
 void mfpack_layout_init(mfpack_layout *L, const mf_hparams *hp);
@@ -64,6 +76,8 @@ mf_status mfpack_layout_add_tensor(mfpack_layout *L, const char *name, mf_qtype 
 /* Adds the experts of one MoE layer: count experts of [gate I x H | up I x H | down H x I]. */
 mf_status mfpack_layout_add_experts(mfpack_layout *L, int layer, int count, const mf_qtype types[3],
                                     int64_t inter, int64_t hidden, mf_err *err);
+/* Adds a carried file of `bytes` bytes (offset assigned by mfpack_layout_finish). */
+mf_status mfpack_layout_add_file(mfpack_layout *L, const char *name, uint64_t bytes, mf_err *err);
 /* Assigns every offset. */
 void mfpack_layout_finish(mfpack_layout *L);
 /* The manifest JSON text (malloc'd). */
@@ -86,6 +100,11 @@ typedef struct mfpack_file {
 
 mf_status mfpack_open(mfpack_file *f, const char *path, mf_err *err);
 void mfpack_close(mfpack_file *f);
+
+/* Reads a carried file into a malloc'd NUL-terminated buffer. MF_ERR_ARG when the model carries
+ * no such file. */
+mf_status mfpack_read_blob(const mfpack_file *f, const char *name, char **data, size_t *len, mf_err *err);
+const mfpack_blob *mfpack_find_blob(const mfpack_layout *L, const char *name);
 
 /* FNV-1a 64 of bytes (the manifest checksum). */
 uint64_t mfpack_hash(const void *data, size_t n);

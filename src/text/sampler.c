@@ -1,0 +1,167 @@
+/* sampler.c - penalties, temperature, top-k, top-p and min-p over one logits vector, then a
+ * draw from a seeded xoshiro256** stream. Not a beam search. */
+#include "text/sampler.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct cand {
+    float logit;
+    int32_t id;
+} cand;
+
+struct sampler {
+    mf_sampler_params p;
+    int vocab;
+    uint64_t rng[4];
+    cand *c;           /* [vocab] candidates, sorted by logit */
+    float *prob;       /* [vocab] */
+    int32_t *count;    /* [vocab] occurrences within the penalty window */
+};
+
+void mf_sampler_params_init(mf_sampler_params *p) {
+    memset(p, 0, sizeof *p);
+    p->top_p = 1.0f;
+    p->repetition_penalty = 1.0f;
+}
+
+mf_status mf_sampler_params_check(const mf_sampler_params *p, char *err, size_t errlen) {
+    const char *bad = NULL;
+    if (!(p->temperature >= 0 && p->temperature <= 100)) bad = "temperature must be in [0, 100]";
+    else if (p->top_k < 0) bad = "top-k must be >= 0";
+    else if (!(p->top_p > 0 && p->top_p <= 1)) bad = "top-p must be in (0, 1]";
+    else if (!(p->min_p >= 0 && p->min_p < 1)) bad = "min-p must be in [0, 1)";
+    else if (!(p->repetition_penalty > 0 && p->repetition_penalty <= 100)) bad = "repetition penalty must be in (0, 100]";
+    else if (!(fabsf(p->presence_penalty) <= 100)) bad = "presence penalty must be in [-100, 100]";
+    else if (!(fabsf(p->frequency_penalty) <= 100)) bad = "frequency penalty must be in [-100, 100]";
+    else if (p->penalty_last_n < 0) bad = "penalty window must be >= 0";
+    if (bad) {
+        if (err && errlen) snprintf(err, errlen, "%s", bad);
+        return MF_ERR_ARG;
+    }
+    return MF_OK;
+}
+
+static uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
+
+static uint64_t next_u64(uint64_t s[4]) {
+    uint64_t r = rotl(s[1] * 5, 7) * 9, t = s[1] << 17;
+    s[2] ^= s[0];
+    s[3] ^= s[1];
+    s[1] ^= s[2];
+    s[0] ^= s[3];
+    s[2] ^= t;
+    s[3] = rotl(s[3], 45);
+    return r;
+}
+
+static double next_unit(uint64_t s[4]) { return (double)(next_u64(s) >> 11) * 0x1.0p-53; }
+
+sampler *sampler_new(const mf_sampler_params *p, int vocab) {
+    sampler *s = calloc(1, sizeof *s);
+    if (!s) return NULL;
+    s->p = *p;
+    s->vocab = vocab;
+    s->c = malloc(sizeof(cand) * (size_t)vocab);
+    s->prob = malloc(sizeof(float) * (size_t)vocab);
+    s->count = calloc((size_t)vocab, sizeof(int32_t));
+    if (!s->c || !s->prob || !s->count) {
+        sampler_free(s);
+        return NULL;
+    }
+    uint64_t z = p->seed;
+    for (int i = 0; i < 4; i++) { /* splitmix64 seeding */
+        z += 0x9e3779b97f4a7c15ull;
+        uint64_t x = z;
+        x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+        x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+        s->rng[i] = x ^ (x >> 31);
+    }
+    return s;
+}
+
+void sampler_free(sampler *s) {
+    if (!s) return;
+    free(s->c);
+    free(s->prob);
+    free(s->count);
+    free(s);
+}
+
+static int by_logit_desc(const void *a, const void *b) {
+    const cand *x = a, *y = b;
+    if (x->logit != y->logit) return x->logit < y->logit ? 1 : -1;
+    return x->id - y->id;
+}
+
+static int32_t argmax(const float *v, int n) {
+    int32_t b = 0;
+    for (int i = 1; i < n; i++)
+        if (v[i] > v[b]) b = i;
+    return b;
+}
+
+int32_t sampler_sample(sampler *s, float *logits, const int32_t *history, int n_history) {
+    const mf_sampler_params *p = &s->p;
+    int V = s->vocab;
+    /* penalties over the window */
+    int from = (p->penalty_last_n > 0 && n_history > p->penalty_last_n) ? n_history - p->penalty_last_n : 0;
+    if (p->repetition_penalty != 1.0f || p->presence_penalty != 0 || p->frequency_penalty != 0) {
+        for (int i = from; i < n_history; i++)
+            if (history[i] >= 0 && history[i] < V) s->count[history[i]]++;
+        for (int i = from; i < n_history; i++) {
+            int32_t t = history[i];
+            if (t < 0 || t >= V || s->count[t] == 0) continue;
+            float l = logits[t];
+            if (p->repetition_penalty != 1.0f) l = l > 0 ? l / p->repetition_penalty : l * p->repetition_penalty;
+            l -= p->presence_penalty + p->frequency_penalty * (float)s->count[t];
+            logits[t] = l;
+            s->count[t] = 0; /* each distinct token once */
+        }
+    }
+    if (p->temperature <= 0) return argmax(logits, V);
+    /* candidates: tokens within 40 temperatures of the best logit (the rest weigh under e^-40
+     * of it), sorted by logit, then cut to top-k */
+    float best = logits[argmax(logits, V)], floor_ = best - 40.0f * p->temperature;
+    int n = 0;
+    for (int i = 0; i < V; i++)
+        if (logits[i] >= floor_) s->c[n++] = (cand){logits[i], i};
+    qsort(s->c, (size_t)n, sizeof(cand), by_logit_desc);
+    if (p->top_k > 0 && p->top_k < n) n = p->top_k;
+    /* softmax at temperature over the candidates */
+    double mx = s->c[0].logit / p->temperature, sum = 0;
+    for (int i = 0; i < n; i++) {
+        double e = exp(s->c[i].logit / p->temperature - mx);
+        s->prob[i] = (float)e;
+        sum += e;
+    }
+    for (int i = 0; i < n; i++) s->prob[i] = (float)(s->prob[i] / sum);
+    if (p->top_p < 1.0f) {
+        double c = 0;
+        int keep = n;
+        for (int i = 0; i < n; i++) {
+            c += s->prob[i];
+            if (c >= p->top_p) {
+                keep = i + 1;
+                break;
+            }
+        }
+        n = keep;
+    }
+    if (p->min_p > 0) {
+        float thr = p->min_p * s->prob[0];
+        int keep = 1;
+        while (keep < n && s->prob[keep] >= thr) keep++;
+        n = keep;
+    }
+    double total = 0;
+    for (int i = 0; i < n; i++) total += s->prob[i];
+    double r = next_unit(s->rng) * total, c = 0;
+    for (int i = 0; i < n; i++) {
+        c += s->prob[i];
+        if (r < c) return s->c[i].id;
+    }
+    return s->c[n - 1].id;
+}
