@@ -170,6 +170,52 @@ void mf_sampler_params_init(mf_sampler_params *p);
 /* Refuses values out of range with a message in err (at least 128 bytes). */
 mf_status mf_sampler_params_check(const mf_sampler_params *p, char *err, size_t errlen);
 
+typedef struct mf_sampler mf_sampler;
+mf_sampler *mf_sampler_new(const mf_sampler_params *p, int vocab);
+/* logits [vocab] are modified; history: the tokens so far (prompt and output). */
+int32_t mf_sampler_sample(mf_sampler *s, float *logits, const int32_t *history, int n_history);
+void mf_sampler_free(mf_sampler *s);
+
+/* ---- text: tokenizer, chat template, generation config ---- */
+
+typedef struct mf_text mf_text;
+
+/* Opens the text side of a .moeflux file (the files it carries) or of a directory holding
+ * tokenizer.json (+ tokenizer_config.json, generation_config.json, chat_template.jinja).
+ * On failure *out still receives a handle (unless out of memory) holding the message. */
+mf_status mf_text_open(const char *model_or_dir, mf_text **out);
+const char *mf_text_error(const mf_text *t);
+void mf_text_free(mf_text *t);
+/* Frees memory returned by mf_text_* calls. */
+void mf_free(void *p);
+
+/* parse_special: special tokens written in the text become tokens; add_special: BOS/EOS as
+ * the tokenizer's post-processor adds them. *ids is freed with mf_free. */
+mf_status mf_text_encode(mf_text *t, const char *text, size_t len, int parse_special, int add_special,
+                         int32_t **ids, size_t *n);
+mf_status mf_text_decode(mf_text *t, const int32_t *ids, size_t n, int skip_special, char **text, size_t *len);
+int mf_text_vocab(const mf_text *t);
+/* The ids that end generation: generation_config.json eos_token_id (one or a list), else the
+ * tokenizer's eos token. Returns their count; *ids is owned by t. */
+int mf_text_eos_ids(const mf_text *t, const int32_t **ids);
+
+/* The recognised chat template family ("qwen3", "qwen3_5", "deepseek_v3"), or NULL. */
+const char *mf_text_template_name(const mf_text *t);
+/* Replaces the model's template with the text of a Jinja template file (recognised the same way). */
+mf_status mf_text_set_template(mf_text *t, const char *jinja_text);
+/* Renders a conversation (JSON array of messages; tools: JSON array or NULL) as the model's
+ * template does. enable_thinking: -1 default, 0 off, 1 on. *out is freed with mf_free. */
+mf_status mf_text_render_chat(mf_text *t, const char *messages_json, const char *tools_json,
+                              int add_generation_prompt, int enable_thinking, char **out);
+
+/* Streaming decode that never splits a UTF-8 character. */
+typedef struct mf_detok mf_detok;
+mf_detok *mf_detok_new(mf_text *t, int skip_special);
+/* Writes the complete characters now available to out (cap >= 1024); returns bytes written. */
+size_t mf_detok_push(mf_detok *d, int32_t id, char *out, size_t cap);
+size_t mf_detok_flush(mf_detok *d, char *out, size_t cap);
+void mf_detok_free(mf_detok *d);
+
 #ifdef __cplusplus
 }
 #endif

@@ -3,11 +3,20 @@
 #ifndef MF_CLI_COMMANDS_H
 #define MF_CLI_COMMANDS_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 /* argv holds the arguments after the command name; returns the process exit code. */
 int cmd_eval(int argc, char **argv);
 int cmd_bench(int argc, char **argv);
+int cmd_tokenize(int argc, char **argv);
+int cmd_detokenize(int argc, char **argv);
+int cmd_template(int argc, char **argv);
+int cmd_run(int argc, char **argv);
+int cmd_chat(int argc, char **argv);
+
+/* Reads a whole file (NUL-terminated, malloc'd); NULL on failure. */
+char *cli_read_file(const char *path, size_t *len);
 
 /* The process's peak resident set (VmHWM), 0 when unknown. */
 uint64_t peak_rss_bytes(void);
