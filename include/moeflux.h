@@ -75,6 +75,7 @@ typedef struct mf_synth_options {
     mf_qtype dense_type;      /* default q8 (norms, conv1d, A_log, dt_bias f32; routers bf16) */
     double skew;              /* >= 0; router popularity skew, 0 = uniform (formula in synth.c) */
     int n_threads;            /* generating threads; 0 = every online CPU */
+    const char *tokenizer_dir;/* NULL, or a directory whose tokenizer files the model carries */
     mf_progress_fn progress;  /* may be NULL; called from worker threads, one call at a time */
     void *progress_user;
 } mf_synth_options;

@@ -201,6 +201,8 @@ static void synth_usage(FILE *f) {
             "               row e by m_e = (1 + r_e)^(-S/4) / sqrt(mean_f (1 + r_f)^(-S/2)); wider logits\n"
             "               win top-k more often, so popularity falls roughly as rank^-1 at S = 1\n"
             "               (256 experts, top-8).\n"
+            "  --tokenizer DIR  carry DIR's tokenizer.json, tokenizer_config.json, generation_config.json\n"
+            "               and chat_template.jinja, so text commands can use the model\n"
             "  --quiet      no progress bar or summary\n"
             "shapes:\n");
     for (int i = 0; mf_synth_shape_name(i); i++) fprintf(f, "  %s\n", mf_synth_shape_name(i));
@@ -235,7 +237,7 @@ static int cmd_synth(int argc, char **argv) {
     for (int i = 0; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         int takes = !strcmp(a, "--layers") || !strcmp(a, "--seed") || !strcmp(a, "--experts") ||
-                    !strcmp(a, "--dense") || !strcmp(a, "--skew");
+                    !strcmp(a, "--dense") || !strcmp(a, "--skew") || !strcmp(a, "--tokenizer");
         if (takes && !v) {
             fprintf(stderr, "moeflux synth: %s needs a value\n", a);
             return 2;
@@ -271,6 +273,8 @@ static int cmd_synth(int argc, char **argv) {
                 fprintf(stderr, "moeflux synth: --skew wants a number >= 0, not '%s'\n", v);
                 return 2;
             }
+        } else if (!strcmp(a, "--tokenizer")) {
+            opt.tokenizer_dir = v;
         } else if (!strcmp(a, "--quiet") || !strcmp(a, "-q")) {
             quiet = 1;
         } else if (a[0] == '-' && a[1]) {

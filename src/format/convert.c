@@ -639,45 +639,6 @@ static mf_status write_payload(conv *c, int fd, const char *path) {
     return st;
 }
 
-/* Files the text side needs, carried inside the .moeflux file when the checkpoint has them. */
-static const char *carried[] = {"tokenizer.json", "tokenizer_config.json", "generation_config.json",
-                                "chat_template.jinja", "special_tokens_map.json"};
-#define N_CARRIED (sizeof carried / sizeof carried[0])
-
-static mf_status add_carried_files(conv *c) {
-    for (size_t i = 0; i < N_CARRIED; i++) {
-        char p[4200];
-        snprintf(p, sizeof p, "%s/%s", c->opt->src_dir, carried[i]);
-        struct stat sb;
-        if (stat(p, &sb) != 0) continue;
-        if (!S_ISREG(sb.st_mode) || sb.st_size > (1 << 30))
-            return err_set(c->err, MF_ERR_FORMAT, "%s: not a regular file of sane size", p);
-        mf_status st = mfpack_layout_add_file(&c->L, carried[i], (uint64_t)sb.st_size, c->err);
-        if (st) return st;
-    }
-    return MF_OK;
-}
-
-static mf_status write_carried_files(conv *c, int fd, const char *path) {
-    for (int i = 0; i < c->L.n_files; i++) {
-        const mfpack_blob *b = &c->L.files[i];
-        char p[4200];
-        snprintf(p, sizeof p, "%s/%s", c->opt->src_dir, b->name);
-        FILE *f = fopen(p, "rb");
-        char *buf = malloc(b->bytes ? b->bytes : 1);
-        size_t got = (f && buf) ? fread(buf, 1, b->bytes, f) : 0;
-        if (f) fclose(f);
-        if (!buf || got != b->bytes) {
-            free(buf);
-            return err_set(c->err, MF_ERR_IO, "%s: cannot read (changed during conversion?)", p);
-        }
-        mf_status st = write_at(c, fd, path, buf, b->bytes, b->offset);
-        free(buf);
-        if (st) return st;
-    }
-    return MF_OK;
-}
-
 static void conv_free(conv *c) {
     st_close(&c->ck);
     mfpack_layout_free(&c->L);
@@ -727,7 +688,7 @@ mf_status mf_convert(mf_converter *cv, const mf_convert_options *opt) {
         return st;
     }
     c.L.extra_json = source_json(&c);
-    if ((st = add_carried_files(&c))) {
+    if ((st = mfpack_add_dir_files(&c.L, opt->src_dir, err))) {
         conv_free(&c);
         return st;
     }
@@ -747,7 +708,7 @@ mf_status mf_convert(mf_converter *cv, const mf_convert_options *opt) {
     fchmod(fd, 0644);
     st = mfpack_write_header(&c.L, fd, opt->out_path, err);
     if (!st) st = write_payload(&c, fd, opt->out_path);
-    if (!st) st = write_carried_files(&c, fd, opt->out_path);
+    if (!st) st = mfpack_write_dir_files(&c.L, opt->src_dir, fd, opt->out_path, err);
     if (!st && fsync(fd) != 0)
         st = err_set(err, MF_ERR_IO, "%s: fsync failed: %s", opt->out_path, strerror(errno));
     if (close(fd) != 0 && !st)

@@ -160,6 +160,46 @@ mf_status mfpack_layout_add_file(mfpack_layout *L, const char *name, uint64_t by
     return MF_OK;
 }
 
+static mf_status pwrite_all(int fd, const void *buf, size_t n, uint64_t off, const char *path,
+                            mf_err *err);
+
+static const char *dir_files[] = {"tokenizer.json", "tokenizer_config.json", "generation_config.json",
+                                  "chat_template.jinja", "special_tokens_map.json"};
+
+mf_status mfpack_add_dir_files(mfpack_layout *L, const char *dir, mf_err *err) {
+    for (size_t i = 0; i < sizeof dir_files / sizeof dir_files[0]; i++) {
+        char p[4200];
+        snprintf(p, sizeof p, "%s/%s", dir, dir_files[i]);
+        struct stat sb;
+        if (stat(p, &sb) != 0) continue;
+        if (!S_ISREG(sb.st_mode) || sb.st_size > (1 << 30))
+            return err_set(err, MF_ERR_FORMAT, "%s: not a regular file of sane size", p);
+        mf_status st = mfpack_layout_add_file(L, dir_files[i], (uint64_t)sb.st_size, err);
+        if (st) return st;
+    }
+    return MF_OK;
+}
+
+mf_status mfpack_write_dir_files(const mfpack_layout *L, const char *dir, int fd, const char *path, mf_err *err) {
+    for (int i = 0; i < L->n_files; i++) {
+        const mfpack_blob *b = &L->files[i];
+        char p[4200];
+        snprintf(p, sizeof p, "%s/%s", dir, b->name);
+        FILE *f = fopen(p, "rb");
+        char *buf = malloc(b->bytes ? b->bytes : 1);
+        size_t got = (f && buf) ? fread(buf, 1, b->bytes, f) : 0;
+        if (f) fclose(f);
+        if (!buf || got != b->bytes) {
+            free(buf);
+            return err_set(err, MF_ERR_IO, "%s: cannot read (changed meanwhile?)", p);
+        }
+        mf_status st = pwrite_all(fd, buf, b->bytes, b->offset, path, err);
+        free(buf);
+        if (st) return st;
+    }
+    return MF_OK;
+}
+
 const mfpack_blob *mfpack_find_blob(const mfpack_layout *L, const char *name) {
     for (int i = 0; i < L->n_files; i++)
         if (!strcmp(L->files[i].name, name)) return &L->files[i];

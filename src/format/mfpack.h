@@ -78,6 +78,11 @@ mf_status mfpack_layout_add_experts(mfpack_layout *L, int layer, int count, cons
                                     int64_t inter, int64_t hidden, mf_err *err);
 /* Adds a carried file of `bytes` bytes (offset assigned by mfpack_layout_finish). */
 mf_status mfpack_layout_add_file(mfpack_layout *L, const char *name, uint64_t bytes, mf_err *err);
+/* Adds the text-side files found in dir (tokenizer.json, tokenizer_config.json,
+ * generation_config.json, chat_template.jinja, special_tokens_map.json); absent ones are skipped. */
+mf_status mfpack_add_dir_files(mfpack_layout *L, const char *dir, mf_err *err);
+/* Writes the files added by mfpack_add_dir_files, read again from dir, at their offsets. */
+mf_status mfpack_write_dir_files(const mfpack_layout *L, const char *dir, int fd, const char *path, mf_err *err);
 /* Assigns every offset. */
 void mfpack_layout_finish(mfpack_layout *L);
 /* The manifest JSON text (malloc'd). */

@@ -57,6 +57,9 @@ static const synth_shape shapes[] = {
      0, 0, 0, 128, 8, 768, 0, 6144},
     {"qwen3-235b-a22b", "qwen3_moe", MF_ARCH_QWEN3_MOE, 94, 4096, 151936, 40960, 64, 4, 128, 1e6, 0,
      0, 0, 0, 128, 8, 1536, 0, 12288},
+    /* the demo: small, with Qwen3's vocabulary so it can carry the real tokenizer */
+    {"demo-qwen3.5", "qwen3_5_moe_text", MF_ARCH_QWEN3_5_MOE, 4, 256, 151936, 8192, 4, 2, 64, 1e7, 2, 4,
+     64, 64, 32, 4, 128, 128, 0},
     {"tiny-qwen3.5", "qwen3_5_moe_text", MF_ARCH_QWEN3_5_MOE, 4, 64, 512, 4096, 4, 2, 32, 1e4, 2, 4,
      32, 32, 8, 2, 64, 64, 0},
     {"tiny-qwen3-next", "qwen3_next", MF_ARCH_QWEN3_NEXT, 4, 64, 512, 4096, 4, 2, 32, 1e4, 2, 4, 32,
@@ -709,6 +712,11 @@ static mf_status synth_plan(synth *s) {
     s->info = b.info;
     if (st) return st;
     if (!(s->L.extra_json = source_json(s))) return err_set(s->err, MF_ERR_NOMEM, "out of memory");
+    if (o->tokenizer_dir) {
+        TRY(mfpack_add_dir_files(&s->L, o->tokenizer_dir, s->err));
+        if (!mfpack_find_blob(&s->L, "tokenizer.json"))
+            return err_set(s->err, MF_ERR_ARG, "%s: no tokenizer.json there", o->tokenizer_dir);
+    }
     mfpack_layout_finish(&s->L);
     size_t nr = (size_t)s->hp.n_layers * (size_t)s->hp.n_experts;
     s->gens = calloc((size_t)(s->L.n_tensors ? s->L.n_tensors : 1), sizeof *s->gens);
@@ -752,6 +760,7 @@ mf_status mf_synth(mf_synthesizer *sy, const mf_synth_options *opt) {
     fchmod(fd, 0644);
     st = mfpack_write_header(&s.L, fd, opt->out_path, err);
     if (!st) st = write_payload(&s, fd, tmp, opt->out_path);
+    if (!st && opt->tokenizer_dir) st = mfpack_write_dir_files(&s.L, opt->tokenizer_dir, fd, opt->out_path, err);
     if (!st && fsync(fd) != 0)
         st = err_set(err, MF_ERR_IO, "%s: fsync failed: %s", opt->out_path, strerror(errno));
     if (close(fd) != 0 && !st)
