@@ -112,7 +112,13 @@ typedef struct mf_engine_options {
     int io_threads;              /* parallel expert reads; 0 = default */
     int o_direct;                /* read experts with O_DIRECT */
     int reference;               /* plain reference kernels (no SIMD, one thread) */
+    int use_cuda;                /* compute on the CUDA backend (see mf_cuda_available) */
+    int cuda_device;
+    uint64_t gpu_cache_bytes;    /* GPU expert cache budget; 0 = free GPU memory minus a reserve */
 } mf_engine_options;
+
+/* Whether this build has the CUDA backend and a usable device. */
+int mf_cuda_available(void);
 
 void mf_engine_options_init(mf_engine_options *o);
 /* Reads the dense weights and opens the expert store; call once after mf_model_open. */
@@ -120,9 +126,14 @@ mf_status mf_model_load(mf_model *m, const mf_engine_options *o);
 int mf_model_vocab(const mf_model *m);
 
 typedef struct mf_expert_stats {
+    /* host tier: RAM cache in front of the file */
     uint64_t hits, misses, evictions, bytes_read, reads;
     double read_seconds;
     uint64_t budget_bytes, resident_bytes, peak_bytes;
+    /* device tier (GPU memory), zero on the CPU backend */
+    uint64_t gpu_hits, gpu_misses, gpu_evictions, gpu_bytes_uploaded;
+    double gpu_upload_seconds;
+    uint64_t gpu_budget_bytes, gpu_peak_bytes;
 } mf_expert_stats;
 void mf_model_expert_stats(const mf_model *m, mf_expert_stats *st);
 void mf_model_reset_expert_stats(mf_model *m);

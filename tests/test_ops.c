@@ -108,7 +108,7 @@ static void backends_new(int64_t max_ctx, int64_t max_tokens, int max_head_dim) 
     be[PATH_FAST] = cpu_backend_create(2, 0);
     be[PATH_REF] = cpu_backend_create(1, 1);
     cr_assert(be[PATH_FAST] && be[PATH_REF], "cannot create the CPU backends");
-    mf_backend_limits lim = {max_ctx, max_tokens, max_head_dim};
+    mf_backend_limits lim = {max_ctx, max_tokens, max_head_dim, 0};
     for (int p = 0; p < N_PATHS; p++)
         cr_assert(be[p]->ops->reserve(be[p], &lim) == MF_OK, "reserve failed");
 }

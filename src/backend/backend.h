@@ -6,6 +6,7 @@
 
 #include <stdint.h>
 
+#include "core/err.h"
 #include "moeflux.h"
 
 /* A weight matrix [rows, cols] (out x in) in one storage type, laid out as
@@ -23,13 +24,29 @@ typedef struct mf_backend_limits {
     int64_t max_ctx;    /* positions an attention op may read */
     int64_t max_tokens; /* tokens in one call */
     int max_head_dim;   /* largest k or v head dim of the linear attention */
+    int max_experts;    /* router width */
 } mf_backend_limits;
 
 typedef struct mf_backend_ops {
     const char *name;
+    int host_memory;   /* nonzero: backend memory is ordinary host memory (the CPU) */
     void (*destroy)(mf_backend *b);
     /* Grows the backend's scratch to serve calls within lim (never shrinks). */
     mf_status (*reserve)(mf_backend *b, const mf_backend_limits *lim);
+
+    /* ---- memory ---- */
+    void *(*alloc)(mf_backend *b, size_t bytes);      /* zeroed; NULL when out of memory */
+    void (*free)(mf_backend *b, void *p);
+    /* host -> backend, backend -> host (returns once the bytes are on the host), and within the
+     * backend. Ops are ordered: a download sees every op issued before it. */
+    void (*upload)(mf_backend *b, void *dst, const void *src, size_t bytes);
+    void (*download)(mf_backend *b, void *dst, const void *src, size_t bytes);
+    void (*copy)(mf_backend *b, void *dst, const void *src, size_t bytes);
+    void (*sync)(mf_backend *b);
+    /* Bytes of backend memory still free (0 when not meaningful, as on the CPU). */
+    uint64_t (*mem_free)(mf_backend *b);
+
+    /* ---- compute (all pointers are backend memory) ---- */
     /* y[t][r] = sum_c W[r][c] * x[t][c] for t < n_tok; x [n_tok][cols], y [n_tok][rows]. */
     void (*matmul)(mf_backend *b, const mf_wmat *w, const float *x, int64_t n_tok, float *y);
     /* out[t][:] = row ids[t] of W, dequantized; out [n_tok][cols]. */
@@ -39,7 +56,8 @@ typedef struct mf_backend_ops {
     void (*rmsnorm)(mf_backend *b, const float *x, const float *w, int64_t n_rows, int64_t dim,
                     float eps, float *y);
     /* Rotary embedding in place on x [n_tok][n_heads][head_dim]: for i < rot_dim/2 the pair
-     * (i, i + rot_dim/2) rotates by angle pos[t] * theta^(-2i/rot_dim) (rotate_half). */
+     * (i, i + rot_dim/2) rotates by angle pos[t] * theta^(-2i/rot_dim) (rotate_half); the angle
+     * is computed in f32 as transformers does. pos [n_tok]. */
     void (*rope)(mf_backend *b, float *x, int64_t n_tok, int n_heads, int head_dim, int rot_dim,
                  const int32_t *pos, double theta);
     /* Causal attention with grouped KV heads: q [n_tok][n_heads][hd]; caches [n_ctx][n_kv][hd]
@@ -59,6 +77,39 @@ typedef struct mf_backend_ops {
     void (*deltanet)(mf_backend *b, const float *q, const float *k, const float *v,
                      const float *g, const float *beta, float *S, int64_t n_tok, int Hk, int Hv,
                      int dk, int dv, float *out);
+
+    /* ---- elementwise and data movement ---- */
+    /* y[i] += x[i], i < n */
+    void (*add)(mf_backend *b, float *y, const float *x, int64_t n);
+    /* dst[r][c] = src[r][c] for r < rows, c < cols, with row strides in floats */
+    void (*copy_rows)(mf_backend *b, float *dst, int64_t dst_stride, const float *src,
+                      int64_t src_stride, int64_t rows, int64_t cols);
+    /* x[i] *= sigmoid(gate[i]) */
+    void (*mul_sigmoid)(mf_backend *b, float *x, const float *gate, int64_t n);
+    /* g[i] = silu(g[i]) * u[i] */
+    void (*swiglu)(mf_backend *b, float *g, const float *u, int64_t n);
+    /* each row of x [rows][dim]: x * scale / sqrt(sum(x^2) + eps) */
+    void (*l2norm)(mf_backend *b, float *x, int64_t rows, int dim, float eps, float scale);
+    /* Gated DeltaNet gates for [n_tok][Hv]: beta = sigmoid(bb); g = -exp(A_log[h]) *
+     * softplus(a + dt_bias[h]) (softplus with threshold 20, as torch). */
+    void (*dn_gates)(mf_backend *b, const float *a, const float *bb, const float *A_log,
+                     const float *dt_bias, int64_t n_tok, int Hv, float *g, float *beta);
+    /* o [rows][dim] = rmsnorm(o) * w * silu(z), z [rows][dim], w [dim] */
+    void (*gated_norm)(mf_backend *b, float *o, const float *w, const float *z, int64_t rows,
+                       int dim, float eps);
+    /* Router: per token softmax over E logits [n_tok][E], the top K (ties to the lower id),
+     * weights renormalised to sum 1 when norm. ids, w [n_tok][K]. */
+    void (*router_topk)(mf_backend *b, const float *logits, int64_t n_tok, int E, int K, int norm,
+                        int32_t *ids, float *w);
+    /* dst[i] = src[idx[i]] (rows of cols floats), i < n */
+    void (*gather_rows)(mf_backend *b, float *dst, const float *src, const int32_t *idx, int64_t n,
+                        int64_t cols);
+    /* y[idx[i]] += w[i] * src[i] (rows of cols floats), i < n; idx may repeat only across calls */
+    void (*scatter_add)(mf_backend *b, float *y, const float *src, const int32_t *idx, const float *w,
+                        int64_t n, int64_t cols);
+    /* y[t] += sigmoid(gate[t]) * x[t] for rows t < n_tok of cols floats; gate [n_tok] */
+    void (*add_gated)(mf_backend *b, float *y, const float *x, const float *gate, int64_t n_tok,
+                      int64_t cols);
 } mf_backend_ops;
 
 struct mf_backend {
@@ -68,5 +119,11 @@ struct mf_backend {
 /* The CPU backend; n_threads <= 0 uses every online CPU; reference != 0 selects the plain
  * scalar kernels (no SIMD, no tiling). */
 mf_backend *cpu_backend_create(int n_threads, int reference);
+
+/* The CUDA backend on device `device` (NULL when CUDA is absent from this build or the device
+ * cannot be used; err says why). Built only when nvcc was found. */
+mf_backend *cuda_backend_create(int device, mf_err *err);
+/* Whether this build contains the CUDA backend. */
+int cuda_backend_available(void);
 
 #endif

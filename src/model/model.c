@@ -39,18 +39,35 @@ static uint64_t mem_available(void) {
     return (uint64_t)kb * 1024;
 }
 
+static void unload(mf_model *m) {
+    dev_cache_close(m->dcache);
+    m->dcache = NULL;
+    if (m->store) expert_store_close(m->store);
+    m->store = NULL;
+    weights_free(&m->w);
+    if (m->be) m->be->ops->destroy(m->be);
+    m->be = NULL;
+}
+
+int mf_cuda_available(void) { return cuda_backend_available(); }
+
 mf_status mf_model_load(mf_model *m, const mf_engine_options *o) {
     if (!m || !m->open) return MF_ERR_ARG;
     if (m->loaded) return err_set(&m->err, MF_ERR_ARG, "model already loaded");
     mf_engine_options def;
     mf_engine_options_init(&def);
     m->opt = o ? *o : def;
-    mf_status st = weights_load(&m->w, &m->file, &m->err);
-    if (st) return st;
-    m->be = cpu_backend_create(m->opt.n_threads, m->opt.reference);
-    if (!m->be) {
-        weights_free(&m->w);
-        return err_set(&m->err, MF_ERR_NOMEM, "cannot create the CPU backend");
+    if (m->opt.use_cuda) {
+        m->be = cuda_backend_create(m->opt.cuda_device, &m->err);
+        if (!m->be) return m->err.status ? m->err.status : MF_ERR_UNSUPPORTED;
+    } else {
+        m->be = cpu_backend_create(m->opt.n_threads, m->opt.reference);
+        if (!m->be) return err_set(&m->err, MF_ERR_NOMEM, "cannot create the CPU backend");
+    }
+    mf_status st = weights_load(&m->w, &m->file, m->be, &m->err);
+    if (st) {
+        unload(m);
+        return st;
     }
     expert_store_options so;
     expert_store_options_init(&so);
@@ -63,14 +80,36 @@ mf_status mf_model_load(mf_model *m, const mf_engine_options *o) {
     if (m->opt.io_threads > 0) so.io_threads = m->opt.io_threads;
     so.o_direct = m->opt.o_direct;
     st = expert_store_open(&m->store, &m->file, &so, &m->err);
+    if (!st && !m->be->ops->host_memory) {
+        uint64_t budget = m->opt.gpu_cache_bytes;
+        if (!budget) {
+            /* default: the free device memory less a reserve for sessions (KV cache, activations) */
+            uint64_t free_b = m->be->ops->mem_free(m->be), reserve = (uint64_t)4 << 30;
+            budget = free_b > reserve ? free_b - reserve : 0;
+        }
+        st = dev_cache_open(&m->dcache, m->be, m->store, &m->file.L, budget, &m->err);
+    }
     if (st) {
-        m->be->ops->destroy(m->be);
-        m->be = NULL;
-        weights_free(&m->w);
+        unload(m);
         return st;
     }
     m->loaded = 1;
     return MF_OK;
+}
+
+mf_status experts_prefetch(mf_model *m, int layer, const int32_t *ids, int n, mf_err *err) {
+    if (m->dcache) return dev_cache_prefetch(m->dcache, layer, ids, n, err);
+    return expert_store_prefetch(m->store, layer, ids, n, err);
+}
+
+mf_status experts_get(mf_model *m, int layer, int32_t id, const void **blob, mf_err *err) {
+    if (m->dcache) return dev_cache_get(m->dcache, layer, id, blob, err);
+    return expert_store_get(m->store, layer, id, blob, err);
+}
+
+void experts_release(mf_model *m, int layer, int32_t id) {
+    if (m->dcache) dev_cache_release(m->dcache, layer, id);
+    else expert_store_release(m->store, layer, id);
 }
 
 int mf_model_vocab(const mf_model *m) { return m && m->open ? m->file.L.hp.vocab : 0; }
@@ -89,21 +128,31 @@ void mf_model_expert_stats(const mf_model *m, mf_expert_stats *out) {
     out->budget_bytes = st.budget_bytes;
     out->resident_bytes = st.resident_bytes;
     out->peak_bytes = st.peak_bytes;
+    if (m->dcache) {
+        dev_cache_stats d;
+        dev_cache_stats_get(m->dcache, &d);
+        out->gpu_hits = d.hits;
+        out->gpu_misses = d.misses;
+        out->gpu_evictions = d.evictions;
+        out->gpu_bytes_uploaded = d.bytes_uploaded;
+        out->gpu_upload_seconds = d.upload_seconds;
+        out->gpu_budget_bytes = d.budget_bytes;
+        out->gpu_peak_bytes = d.peak_bytes;
+    }
 }
 
 void mf_model_reset_expert_stats(mf_model *m) {
-    if (m && m->loaded) expert_store_reset_stats(m->store);
+    if (m && m->loaded) {
+        expert_store_reset_stats(m->store);
+        if (m->dcache) dev_cache_reset_stats(m->dcache);
+    }
 }
 
 const char *mf_model_error(const mf_model *m) { return m ? m->err.msg : "out of memory"; }
 
 void mf_model_free(mf_model *m) {
     if (!m) return;
-    if (m->loaded) {
-        expert_store_close(m->store);
-        m->be->ops->destroy(m->be);
-        weights_free(&m->w);
-    }
+    if (m->loaded) unload(m);
     if (m->open) mfpack_close(&m->file);
     free(m->info);
     free(m);

@@ -5,6 +5,7 @@
 
 #include "backend/backend.h"
 #include "core/err.h"
+#include "experts/dev_cache.h"
 #include "experts/store.h"
 #include "format/mfpack.h"
 #include "model/weights.h"
@@ -19,7 +20,13 @@ struct mf_model {
     model_weights w;
     mf_backend *be;
     expert_store *store;
+    dev_cache *dcache;         /* experts in backend memory; NULL when the backend uses host memory */
 };
+
+/* The expert tiers as the forward pass sees them: backend pointers to blobs. */
+mf_status experts_prefetch(mf_model *m, int layer, const int32_t *ids, int n, mf_err *err);
+mf_status experts_get(mf_model *m, int layer, int32_t id, const void **blob, mf_err *err);
+void experts_release(mf_model *m, int layer, int32_t id);
 
 /* Linear-attention state at one position, kept so truncation can restore it. */
 typedef struct lin_snapshot {
@@ -34,28 +41,37 @@ struct mf_session {
     mf_model *m;
     int max_ctx, chunk;
     int pos;
-    int32_t *tokens;           /* [max_ctx] tokens at positions 0 .. pos-1 */
+    int32_t *tokens;           /* host [max_ctx] tokens at positions 0 .. pos-1 */
+    /* backend memory */
     float **k_cache, **v_cache;/* per full-attention layer: [max_ctx][n_kv][head_dim]; NULL elsewhere */
     float **conv_state;        /* per linear layer: [kernel-1][channels] */
     float **rec_state;         /* per linear layer: [v heads][k dim][v dim] */
-    uint64_t lin_floats;       /* floats of all linear-layer state (one snapshot) */
-    lin_snapshot snaps[SESSION_SNAPSHOTS];
-    int snap_next;
-    /* scratch, sized for `chunk` tokens */
-    int32_t *positions;        /* [chunk] */
+    int32_t *d_tokens;         /* [chunk] */
+    int32_t *d_positions;      /* [chunk] */
     float *x;                  /* [chunk][hidden] residual stream */
     float *h;                  /* [chunk][hidden] normed input of a block */
     float *y;                  /* [chunk][hidden] block output */
-    float *big1, *big2, *big3, *big4, *big5; /* [chunk][max projection width] */
+    float *zeros;              /* [chunk][hidden] zeros */
+    float *big1, *big2, *big3, *big4, *big5, *big6; /* [chunk][max projection width] */
     float *small1, *small2, *small3, *small4; /* [chunk][max(v heads, experts)] */
+    int32_t *d_topk_ids;       /* [chunk][top_k] */
+    float *d_topk_w;           /* [chunk][top_k] */
+    int32_t *d_expert_tok;     /* [chunk * top_k] token indices grouped by expert */
+    float *d_expert_tw;        /* [chunk * top_k] their routing weights */
+    float *d_logits;           /* [chunk][vocab] */
+    /* host memory */
+    uint64_t lin_floats;       /* floats of all linear-layer state (one snapshot) */
+    lin_snapshot snaps[SESSION_SNAPSHOTS];
+    int snap_next;
+    float *lin_host;           /* [lin_floats] staging for snapshots, save and load */
+    int32_t *positions;        /* [chunk] */
     int32_t *topk_ids;         /* [chunk][top_k] */
     float *topk_w;             /* [chunk][top_k] */
     int32_t *expert_count;     /* [n_experts] tokens routed to each expert */
-    int32_t *expert_tok;       /* [chunk * top_k] token indices grouped by expert */
-    float *expert_tw;          /* [chunk * top_k] their routing weights */
+    int32_t *expert_tok;       /* [chunk * top_k] */
+    float *expert_tw;          /* [chunk * top_k] */
     int32_t *expert_start;     /* [n_experts + 1] */
     int32_t *used_ids;         /* [n_experts] */
-    float *last_logits;        /* [vocab] */
 };
 
 /* Runs n <= chunk tokens at positions pos .. pos + n - 1 through every layer; writes logits

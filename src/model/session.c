@@ -28,26 +28,37 @@ static void *zalloc(size_t n, int *ok) {
     return p;
 }
 
+/* Zeroed backend memory. */
+static void *balloc(mf_session *s, size_t n, int *ok) {
+    mf_backend *be = s->m->be;
+    void *p = be->ops->alloc(be, n ? n : 64);
+    if (!p) *ok = 0;
+    return p;
+}
+
 void mf_session_free(mf_session *s) {
     if (!s) return;
     if (s->m) {
+        mf_backend *be = s->m->be;
         const mf_hparams *hp = &s->m->file.L.hp;
         for (int l = 0; l < hp->n_layers; l++) {
-            if (s->k_cache) free(s->k_cache[l]);
-            if (s->v_cache) free(s->v_cache[l]);
-            if (s->conv_state) free(s->conv_state[l]);
-            if (s->rec_state) free(s->rec_state[l]);
+            if (s->k_cache) be->ops->free(be, s->k_cache[l]);
+            if (s->v_cache) be->ops->free(be, s->v_cache[l]);
+            if (s->conv_state) be->ops->free(be, s->conv_state[l]);
+            if (s->rec_state) be->ops->free(be, s->rec_state[l]);
         }
+        void *dev[] = {s->d_tokens, s->d_positions, s->x, s->h, s->y, s->zeros, s->big1, s->big2, s->big3,
+                       s->big4, s->big5, s->big6, s->small1, s->small2, s->small3, s->small4, s->d_topk_ids,
+                       s->d_topk_w, s->d_expert_tok, s->d_expert_tw, s->d_logits};
+        for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++) be->ops->free(be, dev[i]);
     }
     free(s->k_cache);
     free(s->v_cache);
     free(s->conv_state);
     free(s->rec_state);
     for (int i = 0; i < SESSION_SNAPSHOTS; i++) free(s->snaps[i].data);
-    void *bufs[] = {s->tokens, s->positions, s->x, s->h, s->y, s->big1, s->big2, s->big3, s->big4,
-                    s->big5, s->small1, s->small2, s->small3, s->small4, s->topk_ids, s->topk_w,
-                    s->expert_count, s->expert_tok, s->expert_tw, s->expert_start, s->used_ids,
-                    s->last_logits};
+    void *bufs[] = {s->tokens, s->positions, s->topk_ids, s->topk_w, s->expert_count, s->expert_tok,
+                    s->expert_tw, s->expert_start, s->used_ids, s->lin_host};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
     free(s);
 }
@@ -81,46 +92,55 @@ mf_status mf_session_new(mf_model *m, const mf_session_options *o, mf_session **
     wide = max64(wide, hp->dense_inter);
     int64_t narrow = max64(max64(hp->lin_v_heads, hp->n_experts), 1);
     int64_t K = hp->top_k;
+    size_t f = sizeof(float);
     s->tokens = zalloc(sizeof(int32_t) * (size_t)s->max_ctx, &ok);
     s->positions = zalloc(sizeof(int32_t) * (size_t)T, &ok);
-    s->x = zalloc(sizeof(float) * (size_t)(T * H), &ok);
-    s->h = zalloc(sizeof(float) * (size_t)(T * H), &ok);
-    s->y = zalloc(sizeof(float) * (size_t)(T * H), &ok);
-    float **bigs[] = {&s->big1, &s->big2, &s->big3, &s->big4, &s->big5};
-    for (int i = 0; i < 5; i++) *bigs[i] = zalloc(sizeof(float) * (size_t)(T * wide), &ok);
-    float **smalls[] = {&s->small1, &s->small2, &s->small3, &s->small4};
-    for (int i = 0; i < 4; i++) *smalls[i] = zalloc(sizeof(float) * (size_t)(T * narrow), &ok);
     s->topk_ids = zalloc(sizeof(int32_t) * (size_t)(T * K), &ok);
-    s->topk_w = zalloc(sizeof(float) * (size_t)(T * K), &ok);
+    s->topk_w = zalloc(f * (size_t)(T * K), &ok);
     s->expert_count = zalloc(sizeof(int32_t) * (size_t)hp->n_experts, &ok);
     s->expert_tok = zalloc(sizeof(int32_t) * (size_t)(T * K), &ok);
-    s->expert_tw = zalloc(sizeof(float) * (size_t)(T * K), &ok);
+    s->expert_tw = zalloc(f * (size_t)(T * K), &ok);
     s->expert_start = zalloc(sizeof(int32_t) * (size_t)(hp->n_experts + 1), &ok);
     s->used_ids = zalloc(sizeof(int32_t) * (size_t)hp->n_experts, &ok);
-    s->last_logits = zalloc(sizeof(float) * (size_t)hp->vocab, &ok);
     s->k_cache = zalloc(sizeof(float *) * (size_t)L, &ok);
     s->v_cache = zalloc(sizeof(float *) * (size_t)L, &ok);
     s->conv_state = zalloc(sizeof(float *) * (size_t)L, &ok);
     s->rec_state = zalloc(sizeof(float *) * (size_t)L, &ok);
+    if (!ok) return err_set(&s->err, MF_ERR_NOMEM, "session: out of memory (context %d)", s->max_ctx);
+    s->d_tokens = balloc(s, sizeof(int32_t) * (size_t)T, &ok);
+    s->d_positions = balloc(s, sizeof(int32_t) * (size_t)T, &ok);
+    float **hbufs[] = {&s->x, &s->h, &s->y, &s->zeros};
+    for (int i = 0; i < 4; i++) *hbufs[i] = balloc(s, f * (size_t)(T * H), &ok);
+    float **bigs[] = {&s->big1, &s->big2, &s->big3, &s->big4, &s->big5, &s->big6};
+    for (int i = 0; i < 6; i++) *bigs[i] = balloc(s, f * (size_t)(T * wide), &ok);
+    float **smalls[] = {&s->small1, &s->small2, &s->small3, &s->small4};
+    for (int i = 0; i < 4; i++) *smalls[i] = balloc(s, f * (size_t)(T * narrow), &ok);
+    s->d_topk_ids = balloc(s, sizeof(int32_t) * (size_t)(T * K), &ok);
+    s->d_topk_w = balloc(s, f * (size_t)(T * K), &ok);
+    s->d_expert_tok = balloc(s, sizeof(int32_t) * (size_t)(T * K), &ok);
+    s->d_expert_tw = balloc(s, f * (size_t)(T * K), &ok);
+    s->d_logits = balloc(s, f * (size_t)T * (size_t)hp->vocab, &ok);
     for (int l = 0; ok && l < L; l++) {
         if (hp->layer_kind[l] == MF_LAYER_FULL_ATTENTION) {
-            size_t n = sizeof(float) * (size_t)s->max_ctx * (size_t)hp->n_kv_heads * (size_t)hp->head_dim;
-            s->k_cache[l] = zalloc(n, &ok);
-            s->v_cache[l] = zalloc(n, &ok);
+            size_t n = f * (size_t)s->max_ctx * (size_t)hp->n_kv_heads * (size_t)hp->head_dim;
+            s->k_cache[l] = balloc(s, n, &ok);
+            s->v_cache[l] = balloc(s, n, &ok);
         } else {
-            s->conv_state[l] = zalloc(sizeof(float) * (size_t)((hp->lin_conv_kernel - 1) * C), &ok);
-            s->rec_state[l] = zalloc(sizeof(float) * (size_t)hp->lin_v_heads * (size_t)hp->lin_k_dim *
-                                         (size_t)hp->lin_v_dim, &ok);
+            s->conv_state[l] = balloc(s, f * (size_t)((hp->lin_conv_kernel - 1) * C), &ok);
+            s->rec_state[l] = balloc(s, f * (size_t)hp->lin_v_heads * (size_t)hp->lin_k_dim * (size_t)hp->lin_v_dim, &ok);
             s->lin_floats += (uint64_t)(hp->lin_conv_kernel - 1) * (uint64_t)C +
                              (uint64_t)hp->lin_v_heads * (uint64_t)hp->lin_k_dim * (uint64_t)hp->lin_v_dim;
         }
     }
+    if (ok && s->lin_floats) s->lin_host = zalloc(f * s->lin_floats, &ok);
     for (int i = 0; i < SESSION_SNAPSHOTS && ok; i++) {
         s->snaps[i].pos = -1;
-        if (s->lin_floats) s->snaps[i].data = zalloc(sizeof(float) * s->lin_floats, &ok);
+        if (s->lin_floats) s->snaps[i].data = zalloc(f * s->lin_floats, &ok);
     }
-    if (!ok) return err_set(&s->err, MF_ERR_NOMEM, "session: out of memory (context %d)", s->max_ctx);
-    mf_backend_limits lim = {s->max_ctx, s->chunk, hp->lin_k_dim > hp->lin_v_dim ? hp->lin_k_dim : hp->lin_v_dim};
+    if (!ok)
+        return err_set(&s->err, MF_ERR_NOMEM, "session: out of %s memory (context %d)", m->be->ops->name, s->max_ctx);
+    mf_backend_limits lim = {s->max_ctx, s->chunk, hp->lin_k_dim > hp->lin_v_dim ? hp->lin_k_dim : hp->lin_v_dim,
+                             hp->n_experts};
     if (m->be->ops->reserve(m->be, &lim) != MF_OK)
         return err_set(&s->err, MF_ERR_NOMEM, "session: out of memory for backend scratch (context %d)", s->max_ctx);
     return MF_OK;
@@ -128,9 +148,10 @@ mf_status mf_session_new(mf_model *m, const mf_session_options *o, mf_session **
 
 int mf_session_pos(const mf_session *s) { return s ? s->pos : 0; }
 
-/* Copies every linear layer's state into (to_snap) or out of a flat buffer. */
+/* Copies every linear layer's state into (to_snap) or out of a flat host buffer. */
 static void lin_copy(mf_session *s, float *flat, int to_snap) {
     const mf_hparams *hp = &s->m->file.L.hp;
+    mf_backend *be = s->m->be;
     int64_t kd = (int64_t)hp->lin_k_heads * hp->lin_k_dim, vd = (int64_t)hp->lin_v_heads * hp->lin_v_dim;
     size_t conv = sizeof(float) * (size_t)((hp->lin_conv_kernel - 1) * (2 * kd + vd));
     size_t rec = sizeof(float) * (size_t)hp->lin_v_heads * (size_t)hp->lin_k_dim * (size_t)hp->lin_v_dim;
@@ -138,11 +159,11 @@ static void lin_copy(mf_session *s, float *flat, int to_snap) {
     for (int l = 0; l < hp->n_layers; l++) {
         if (!s->conv_state[l]) continue;
         if (to_snap) {
-            memcpy(p, s->conv_state[l], conv);
-            memcpy(p + conv, s->rec_state[l], rec);
+            be->ops->download(be, p, s->conv_state[l], conv);
+            be->ops->download(be, p + conv, s->rec_state[l], rec);
         } else {
-            memcpy(s->conv_state[l], p, conv);
-            memcpy(s->rec_state[l], p + conv, rec);
+            be->ops->upload(be, s->conv_state[l], p, conv);
+            be->ops->upload(be, s->rec_state[l], p + conv, rec);
         }
         p += conv + rec;
     }
@@ -159,13 +180,9 @@ static void take_snapshot(mf_session *s) {
 }
 
 static void clear_state(mf_session *s) {
-    const mf_hparams *hp = &s->m->file.L.hp;
-    int64_t kd = (int64_t)hp->lin_k_heads * hp->lin_k_dim, vd = (int64_t)hp->lin_v_heads * hp->lin_v_dim;
-    for (int l = 0; l < hp->n_layers; l++) {
-        if (!s->conv_state[l]) continue;
-        memset(s->conv_state[l], 0, sizeof(float) * (size_t)((hp->lin_conv_kernel - 1) * (2 * kd + vd)));
-        memset(s->rec_state[l], 0, sizeof(float) * (size_t)hp->lin_v_heads * (size_t)hp->lin_k_dim *
-                                       (size_t)hp->lin_v_dim);
+    if (s->lin_floats) {
+        memset(s->lin_host, 0, sizeof(float) * s->lin_floats);
+        lin_copy(s, s->lin_host, 0);
     }
     s->pos = 0;
 }
@@ -264,18 +281,21 @@ mf_status mf_session_save(mf_session *s, const char *path) {
     int ok = put(f, SESSION_MAGIC, 8) && put(f, &version, 4) && put(f, &pos, 4) &&
              put(f, &s->m->manifest_hash, 8) && put(f, s->tokens, sizeof(int32_t) * pos);
     size_t kvrow = (size_t)hp->n_kv_heads * (size_t)hp->head_dim;
+    size_t kvbytes = sizeof(float) * kvrow * pos;
+    float *stage = malloc(kvbytes ? kvbytes : 1);
+    ok = ok && stage;
+    mf_backend *be = s->m->be;
     for (int l = 0; ok && l < hp->n_layers; l++) {
-        if (s->k_cache[l])
-            ok = put(f, s->k_cache[l], sizeof(float) * kvrow * pos) && put(f, s->v_cache[l], sizeof(float) * kvrow * pos);
+        if (!s->k_cache[l]) continue;
+        be->ops->download(be, stage, s->k_cache[l], kvbytes);
+        ok = put(f, stage, kvbytes);
+        be->ops->download(be, stage, s->v_cache[l], kvbytes);
+        ok = ok && put(f, stage, kvbytes);
     }
+    free(stage);
     if (ok && s->lin_floats) {
-        float *flat = malloc(sizeof(float) * s->lin_floats);
-        ok = flat != NULL;
-        if (ok) {
-            lin_copy(s, flat, 1);
-            ok = put(f, flat, sizeof(float) * s->lin_floats);
-        }
-        free(flat);
+        lin_copy(s, s->lin_host, 1);
+        ok = put(f, s->lin_host, sizeof(float) * s->lin_floats);
     }
     ok = ok && fflush(f) == 0 && fsync(fileno(f)) == 0;
     ok = (fclose(f) == 0) && ok;
@@ -313,14 +333,21 @@ mf_status mf_session_load(mf_session *s, const char *path) {
     mf_session_reset(s);
     size_t kvrow = (size_t)hp->n_kv_heads * (size_t)hp->head_dim;
     int ok = get(f, s->tokens, sizeof(int32_t) * pos);
-    for (int l = 0; ok && l < hp->n_layers; l++)
-        if (s->k_cache[l])
-            ok = get(f, s->k_cache[l], sizeof(float) * kvrow * pos) && get(f, s->v_cache[l], sizeof(float) * kvrow * pos);
+    size_t kvbytes = sizeof(float) * kvrow * pos;
+    float *stage = malloc(kvbytes ? kvbytes : 1);
+    ok = ok && stage;
+    mf_backend *be = s->m->be;
+    for (int l = 0; ok && l < hp->n_layers; l++) {
+        if (!s->k_cache[l]) continue;
+        ok = get(f, stage, kvbytes);
+        if (ok) be->ops->upload(be, s->k_cache[l], stage, kvbytes);
+        ok = ok && get(f, stage, kvbytes);
+        if (ok) be->ops->upload(be, s->v_cache[l], stage, kvbytes);
+    }
+    free(stage);
     if (ok && s->lin_floats) {
-        float *flat = malloc(sizeof(float) * s->lin_floats);
-        ok = flat && get(f, flat, sizeof(float) * s->lin_floats);
-        if (ok) lin_copy(s, flat, 0);
-        free(flat);
+        ok = get(f, s->lin_host, sizeof(float) * s->lin_floats);
+        if (ok) lin_copy(s, s->lin_host, 0);
     }
     char extra;
     if (ok && fread(&extra, 1, 1, f) != 0) ok = 0;

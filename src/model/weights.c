@@ -117,28 +117,39 @@ static int load_layer(loader *ld, int l) {
     return 1;
 }
 
-mf_status weights_load(model_weights *w, const mfpack_file *f, mf_err *err) {
+mf_status weights_load(model_weights *w, const mfpack_file *f, mf_backend *be, mf_err *err) {
     memset(w, 0, sizeof *w);
     const mf_hparams *hp = &f->L.hp;
     uint64_t bytes = f->L.experts_offset - f->L.dense_offset;
-    if (posix_memalign(&w->mem, 4096, bytes ? bytes : 4096) != 0) {
-        w->mem = NULL;
-        return err_set(err, MF_ERR_NOMEM, "%s: cannot allocate %.1f MB for the dense weights", f->path,
-                       bytes / 1e6);
-    }
+    w->be = be;
+    w->mem = be->ops->alloc(be, bytes ? bytes : 4096);
+    if (!w->mem)
+        return err_set(err, MF_ERR_NOMEM, "%s: cannot allocate %.1f MB of %s memory for the dense weights",
+                       f->path, bytes / 1e6, be->ops->name);
     w->mem_bytes = bytes;
+    /* host backends read straight into place; others stage through a host buffer */
+    size_t stage_bytes = 64u << 20;
+    char *stage = be->ops->host_memory ? NULL : malloc(stage_bytes);
+    if (!be->ops->host_memory && !stage) {
+        weights_free(w);
+        return err_set(err, MF_ERR_NOMEM, "out of memory for a staging buffer");
+    }
     uint64_t done = 0;
     while (done < bytes) {
-        size_t chunk = bytes - done > (64u << 20) ? (64u << 20) : (size_t)(bytes - done);
-        ssize_t r = pread(f->fd, (char *)w->mem + done, chunk, (off_t)(f->L.dense_offset + done));
+        size_t chunk = bytes - done > stage_bytes ? stage_bytes : (size_t)(bytes - done);
+        char *dst = stage ? stage : (char *)w->mem + done;
+        ssize_t r = pread(f->fd, dst, chunk, (off_t)(f->L.dense_offset + done));
         if (r < 0 && errno == EINTR) continue;
         if (r <= 0) {
+            free(stage);
             weights_free(w);
             return err_set(err, MF_ERR_IO, "%s: cannot read the dense weights: %s", f->path,
                            r < 0 ? strerror(errno) : "unexpected end of file");
         }
+        if (stage) be->ops->upload(be, (char *)w->mem + done, stage, (size_t)r);
         done += (uint64_t)r;
     }
+    free(stage);
     w->layers = calloc((size_t)hp->n_layers, sizeof *w->layers);
     if (!w->layers) {
         weights_free(w);
@@ -160,7 +171,7 @@ mf_status weights_load(model_weights *w, const mfpack_file *f, mf_err *err) {
 }
 
 void weights_free(model_weights *w) {
-    free(w->mem);
+    if (w->be && w->mem) w->be->ops->free(w->be, w->mem);
     free(w->layers);
     memset(w, 0, sizeof *w);
 }

@@ -25,7 +25,8 @@ typedef struct layer_weights {
 } layer_weights;
 
 typedef struct model_weights {
-    void *mem;                  /* every dense tensor, as laid out in the file's dense region */
+    mf_backend *be;             /* owner of mem */
+    void *mem;                  /* backend memory: every dense tensor, as laid out in the file's dense region */
     uint64_t mem_bytes;
     mf_wmat embed, lm_head;     /* lm_head aliases embed when tied */
     const float *final_norm;    /* [hidden] */
@@ -34,7 +35,7 @@ typedef struct model_weights {
 
 /* Reads the dense region of f and checks every tensor the hyperparameters call for exists with
  * the right shape (errors name the tensor). */
-mf_status weights_load(model_weights *w, const mfpack_file *f, mf_err *err);
+mf_status weights_load(model_weights *w, const mfpack_file *f, mf_backend *be, mf_err *err);
 void weights_free(model_weights *w);
 
 #endif

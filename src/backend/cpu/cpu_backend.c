@@ -32,6 +32,7 @@ static void cpu_destroy(mf_backend *b) {
 static size_t scratch_need(const mf_backend_limits *lim) {
     size_t d = (size_t)(lim->max_head_dim > 0 ? lim->max_head_dim : 1);
     size_t attn = (size_t)lim->max_ctx;
+    if ((size_t)lim->max_experts > attn) attn = (size_t)lim->max_experts;
     size_t dn = DN_CHUNK * (DN_CHUNK + 5 * d + 2);
     return attn > dn ? attn : dn;
 }
@@ -314,10 +315,156 @@ static void cpu_op_deltanet(mf_backend *b, const float *q, const float *k, const
     pool_for(c->reference ? NULL : c->pool, Hv, 1, !c->reference && n_tok >= 8 ? dn_chunked_heads : dn_heads, &j);
 }
 
+/* ---- memory: plain host allocations ---- */
+
+static void *cpu_alloc(mf_backend *b, size_t bytes) {
+    (void)b;
+    void *p = NULL;
+    if (posix_memalign(&p, 64, bytes ? bytes : 64)) return NULL;
+    memset(p, 0, bytes);
+    return p;
+}
+
+static void cpu_free(mf_backend *b, void *p) {
+    (void)b;
+    free(p);
+}
+
+static void cpu_move(mf_backend *b, void *dst, const void *src, size_t bytes) {
+    (void)b;
+    if (dst != src && bytes) memmove(dst, src, bytes);
+}
+
+static void cpu_sync(mf_backend *b) { (void)b; }
+
+static uint64_t cpu_mem_free(mf_backend *b) {
+    (void)b;
+    return 0;
+}
+
+/* ---- elementwise and data movement ---- */
+
+static float sigmoid1(float x) { return 1.0f / (1.0f + expf(-x)); }
+/* torch.nn.functional.softplus with beta 1, threshold 20 */
+static float softplus1(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
+
+static void cpu_add(mf_backend *b, float *y, const float *x, int64_t n) {
+    (void)b;
+    for (int64_t i = 0; i < n; i++) y[i] += x[i];
+}
+
+static void cpu_copy_rows(mf_backend *b, float *dst, int64_t dst_stride, const float *src, int64_t src_stride,
+                          int64_t rows, int64_t cols) {
+    (void)b;
+    for (int64_t r = 0; r < rows; r++) memmove(dst + r * dst_stride, src + r * src_stride, sizeof(float) * (size_t)cols);
+}
+
+static void cpu_mul_sigmoid(mf_backend *b, float *x, const float *gate, int64_t n) {
+    (void)b;
+    for (int64_t i = 0; i < n; i++) x[i] *= sigmoid1(gate[i]);
+}
+
+static void cpu_swiglu(mf_backend *b, float *g, const float *u, int64_t n) {
+    (void)b;
+    for (int64_t i = 0; i < n; i++) g[i] = silu(g[i]) * u[i];
+}
+
+static void cpu_l2norm(mf_backend *b, float *x, int64_t rows, int dim, float eps, float scale) {
+    (void)b;
+    for (int64_t r = 0; r < rows; r++) {
+        float *v = x + r * dim;
+        double ss = 0;
+        for (int i = 0; i < dim; i++) ss += (double)v[i] * v[i];
+        float inv = (float)(1.0 / sqrt(ss + eps)) * scale;
+        for (int i = 0; i < dim; i++) v[i] *= inv;
+    }
+}
+
+static void cpu_dn_gates(mf_backend *b, const float *a, const float *bb, const float *A_log, const float *dt_bias,
+                         int64_t n_tok, int Hv, float *g, float *beta) {
+    (void)b;
+    for (int64_t t = 0; t < n_tok; t++)
+        for (int h = 0; h < Hv; h++) {
+            int64_t i = t * Hv + h;
+            beta[i] = sigmoid1(bb[i]);
+            g[i] = -expf(A_log[h]) * softplus1(a[i] + dt_bias[h]);
+        }
+}
+
+static void cpu_gated_norm(mf_backend *b, float *o, const float *w, const float *z, int64_t rows, int dim,
+                           float eps) {
+    cpu_op_rmsnorm(b, o, w, rows, dim, eps, o);
+    for (int64_t i = 0; i < rows * dim; i++) o[i] *= silu(z[i]);
+}
+
+static void cpu_router_topk(mf_backend *b, const float *logits, int64_t n_tok, int E, int K, int norm,
+                            int32_t *ids, float *w) {
+    cpu_backend *c = cpu(b);
+    float *p = c->scratch; /* [E]: reserve sizes the scratch for max_experts */
+    for (int64_t t = 0; t < n_tok; t++) {
+        const float *lg = logits + t * E;
+        float mx = lg[0];
+        for (int e = 1; e < E; e++) mx = lg[e] > mx ? lg[e] : mx;
+        double sum = 0;
+        for (int e = 0; e < E; e++) {
+            p[e] = expf(lg[e] - mx);
+            sum += p[e];
+        }
+        for (int e = 0; e < E; e++) p[e] = (float)(p[e] / sum);
+        int32_t *id = ids + t * K;
+        float *wt = w + t * K;
+        for (int j = 0; j < K; j++) {
+            int best = -1;
+            for (int e = 0; e < E; e++)
+                if (p[e] >= 0 && (best < 0 || p[e] > p[best])) best = e;
+            id[j] = best;
+            wt[j] = p[best];
+            p[best] = -1.0f; /* taken */
+        }
+        if (norm) {
+            float ws = 0;
+            for (int j = 0; j < K; j++) ws += wt[j];
+            for (int j = 0; j < K; j++) wt[j] /= ws;
+        }
+    }
+}
+
+static void cpu_gather_rows(mf_backend *b, float *dst, const float *src, const int32_t *idx, int64_t n,
+                            int64_t cols) {
+    (void)b;
+    for (int64_t i = 0; i < n; i++) memcpy(dst + i * cols, src + (int64_t)idx[i] * cols, sizeof(float) * (size_t)cols);
+}
+
+static void cpu_scatter_add(mf_backend *b, float *y, const float *src, const int32_t *idx, const float *w,
+                            int64_t n, int64_t cols) {
+    (void)b;
+    for (int64_t i = 0; i < n; i++) {
+        float *yr = y + (int64_t)idx[i] * cols;
+        const float *sr = src + i * cols;
+        for (int64_t c = 0; c < cols; c++) yr[c] += w[i] * sr[c];
+    }
+}
+
+static void cpu_add_gated(mf_backend *b, float *y, const float *x, const float *gate, int64_t n_tok, int64_t cols) {
+    (void)b;
+    for (int64_t t = 0; t < n_tok; t++) {
+        float gt = sigmoid1(gate[t]);
+        for (int64_t c = 0; c < cols; c++) y[t * cols + c] += gt * x[t * cols + c];
+    }
+}
+
 static const mf_backend_ops cpu_ops = {
     .name = "cpu",
+    .host_memory = 1,
     .destroy = cpu_destroy,
     .reserve = cpu_reserve,
+    .alloc = cpu_alloc,
+    .free = cpu_free,
+    .upload = cpu_move,
+    .download = cpu_move,
+    .copy = cpu_move,
+    .sync = cpu_sync,
+    .mem_free = cpu_mem_free,
     .matmul = cpu_op_matmul,
     .embed = cpu_op_embed,
     .rmsnorm = cpu_op_rmsnorm,
@@ -325,6 +472,17 @@ static const mf_backend_ops cpu_ops = {
     .attention = cpu_op_attention,
     .conv1d_silu = cpu_op_conv1d_silu,
     .deltanet = cpu_op_deltanet,
+    .add = cpu_add,
+    .copy_rows = cpu_copy_rows,
+    .mul_sigmoid = cpu_mul_sigmoid,
+    .swiglu = cpu_swiglu,
+    .l2norm = cpu_l2norm,
+    .dn_gates = cpu_dn_gates,
+    .gated_norm = cpu_gated_norm,
+    .router_topk = cpu_router_topk,
+    .gather_rows = cpu_gather_rows,
+    .scatter_add = cpu_scatter_add,
+    .add_gated = cpu_add_gated,
 };
 
 mf_backend *cpu_backend_create(int n_threads, int reference) {

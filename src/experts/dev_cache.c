@@ -1,0 +1,204 @@
+/* dev_cache.c - expert blobs in backend memory: slots allocated lazily up to the budget, an
+ * index (layer, expert) -> slot, least recently used eviction of unpinned slots; misses come
+ * from the host expert store and are uploaded. Not thread-safe: the forward pass calls it. */
+#include "experts/dev_cache.h"
+
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+typedef struct slot {
+    void *mem;          /* backend memory, slot_bytes */
+    int layer;          /* -1: empty */
+    int32_t id;
+    int pins;
+    uint64_t last_use;
+} slot;
+
+struct dev_cache {
+    mf_backend *be;
+    expert_store *host;
+    const mfpack_layout *L;
+    uint64_t slot_bytes;
+    int n_slots, n_alloc;
+    slot *slots;        /* [n_slots] */
+    int32_t *index;     /* [n_layers][max_experts] -> slot, -1 when absent */
+    int max_experts;
+    int *layer_row;     /* [n_layers] -> expert-layer index in L, -1 for dense layers */
+    uint64_t clock;
+    dev_cache_stats st;
+};
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+mf_status dev_cache_open(dev_cache **out, mf_backend *be, expert_store *host, const mfpack_layout *L,
+                         uint64_t budget_bytes, mf_err *err) {
+    *out = NULL;
+    dev_cache *c = calloc(1, sizeof *c);
+    if (!c) return err_set(err, MF_ERR_NOMEM, "out of memory");
+    c->be = be;
+    c->host = host;
+    c->L = L;
+    uint64_t all = 0;
+    for (int i = 0; i < L->n_expert_layers; i++) {
+        const mfpack_expert_layer *E = &L->expert_layers[i];
+        if (E->stride > c->slot_bytes) c->slot_bytes = E->stride;
+        if (E->count > c->max_experts) c->max_experts = E->count;
+        all += E->stride * (uint64_t)E->count;
+    }
+    if (!c->slot_bytes) c->slot_bytes = 4096;
+    if (budget_bytes > all) budget_bytes = all;
+    uint64_t n = budget_bytes / c->slot_bytes;
+    if (n < 1) n = 1;
+    if (n > (1u << 30)) n = 1u << 30;
+    c->n_slots = (int)n;
+    c->slots = calloc((size_t)c->n_slots, sizeof *c->slots);
+    int nl = L->hp.n_layers;
+    c->index = malloc(sizeof(int32_t) * (size_t)nl * (size_t)(c->max_experts ? c->max_experts : 1));
+    c->layer_row = malloc(sizeof(int) * (size_t)nl);
+    if (!c->slots || !c->index || !c->layer_row) {
+        dev_cache_close(c);
+        return err_set(err, MF_ERR_NOMEM, "out of memory for the device expert cache index");
+    }
+    for (size_t i = 0; i < (size_t)nl * (size_t)c->max_experts; i++) c->index[i] = -1;
+    for (int l = 0; l < nl; l++) c->layer_row[l] = -1;
+    for (int i = 0; i < L->n_expert_layers; i++) c->layer_row[L->expert_layers[i].layer] = i;
+    for (int i = 0; i < c->n_slots; i++) c->slots[i].layer = -1;
+    c->st.budget_bytes = (uint64_t)c->n_slots * c->slot_bytes;
+    *out = c;
+    return MF_OK;
+}
+
+void dev_cache_close(dev_cache *c) {
+    if (!c) return;
+    for (int i = 0; c->slots && i < c->n_alloc; i++) c->be->ops->free(c->be, c->slots[i].mem);
+    free(c->slots);
+    free(c->index);
+    free(c->layer_row);
+    free(c);
+}
+
+static mf_status check(dev_cache *c, int layer, int32_t id, mf_err *err) {
+    if (layer < 0 || layer >= c->L->hp.n_layers || c->layer_row[layer] < 0)
+        return err_set(err, MF_ERR_ARG, "device expert cache: layer %d has no experts", layer);
+    if (id < 0 || id >= c->L->expert_layers[c->layer_row[layer]].count)
+        return err_set(err, MF_ERR_ARG, "device expert cache: layer %d has no expert %d", layer, id);
+    return MF_OK;
+}
+
+/* A free or evictable slot, never one of `keep` (ids of this layer wanted now); -1 if none. */
+static int find_slot(dev_cache *c, int layer, const int32_t *keep, int n_keep) {
+    for (int i = 0; i < c->n_alloc; i++)
+        if (c->slots[i].layer < 0) return i;
+    if (c->n_alloc < c->n_slots) {
+        void *mem = c->be->ops->alloc(c->be, c->slot_bytes);
+        if (mem) {
+            c->slots[c->n_alloc].mem = mem;
+            c->slots[c->n_alloc].layer = -1;
+            return c->n_alloc++;
+        }
+        c->n_slots = c->n_alloc; /* the backend is out of memory: stay at what we have */
+    }
+    int best = -1;
+    for (int i = 0; i < c->n_alloc; i++) {
+        slot *s = &c->slots[i];
+        if (s->pins) continue;
+        int wanted = 0;
+        for (int k = 0; k < n_keep && !wanted; k++) wanted = s->layer == layer && s->id == keep[k];
+        if (wanted) continue;
+        if (best < 0 || s->last_use < c->slots[best].last_use) best = i;
+    }
+    if (best >= 0) {
+        slot *s = &c->slots[best];
+        c->index[(size_t)s->layer * c->max_experts + s->id] = -1;
+        s->layer = -1;
+        c->st.evictions++;
+        c->st.resident_bytes -= c->slot_bytes;
+    }
+    return best;
+}
+
+/* Uploads (layer, id) into slot i. */
+static mf_status fill(dev_cache *c, int i, int layer, int32_t id, mf_err *err) {
+    const void *hb;
+    mf_status st = expert_store_get(c->host, layer, id, &hb, err);
+    if (st) return st;
+    const mfpack_expert_layer *E = &c->L->expert_layers[c->layer_row[layer]];
+    double t0 = now_s();
+    c->be->ops->upload(c->be, c->slots[i].mem, hb, E->stride);
+    c->st.upload_seconds += now_s() - t0;
+    c->st.bytes_uploaded += E->stride;
+    expert_store_release(c->host, layer, id);
+    slot *s = &c->slots[i];
+    s->layer = layer;
+    s->id = id;
+    s->pins = 0;
+    s->last_use = ++c->clock;
+    c->index[(size_t)layer * c->max_experts + id] = i;
+    c->st.resident_bytes += c->slot_bytes;
+    if (c->st.resident_bytes > c->st.peak_bytes) c->st.peak_bytes = c->st.resident_bytes;
+    return MF_OK;
+}
+
+mf_status dev_cache_prefetch(dev_cache *c, int layer, const int32_t *ids, int n, mf_err *err) {
+    mf_status st;
+    /* the host tier reads the missing ones in parallel first */
+    int32_t missing[1024];
+    int nm = 0;
+    for (int k = 0; k < n; k++) {
+        if ((st = check(c, layer, ids[k], err))) return st;
+        if (c->index[(size_t)layer * c->max_experts + ids[k]] < 0 && nm < 1024) missing[nm++] = ids[k];
+    }
+    if (!nm) return MF_OK;
+    if ((st = expert_store_prefetch(c->host, layer, missing, nm, err))) return st;
+    for (int k = 0; k < nm; k++) {
+        int i = find_slot(c, layer, ids, n);
+        if (i < 0) break; /* the budget holds no more */
+        if ((st = fill(c, i, layer, missing[k], err))) return st;
+        c->st.misses++;
+        c->slots[i].last_use = 0; /* counted as a miss now; its get is then not a hit */
+        c->slots[i].pins = 0;
+    }
+    return MF_OK;
+}
+
+mf_status dev_cache_get(dev_cache *c, int layer, int32_t id, const void **blob, mf_err *err) {
+    mf_status st = check(c, layer, id, err);
+    if (st) return st;
+    int i = c->index[(size_t)layer * c->max_experts + id];
+    if (i >= 0) {
+        if (c->slots[i].last_use) c->st.hits++;
+    } else {
+        i = find_slot(c, layer, NULL, 0);
+        if (i < 0)
+            return err_set(err, MF_ERR_NOMEM, "device expert cache: every slot is pinned (layer %d expert %d)",
+                           layer, id);
+        if ((st = fill(c, i, layer, id, err))) return st;
+        c->st.misses++;
+    }
+    slot *s = &c->slots[i];
+    s->pins++;
+    s->last_use = ++c->clock;
+    *blob = s->mem;
+    return MF_OK;
+}
+
+void dev_cache_release(dev_cache *c, int layer, int32_t id) {
+    if (layer < 0 || layer >= c->L->hp.n_layers || id < 0 || id >= c->max_experts) return;
+    int i = c->index[(size_t)layer * c->max_experts + id];
+    if (i >= 0 && c->slots[i].pins > 0) c->slots[i].pins--;
+}
+
+void dev_cache_stats_get(const dev_cache *c, dev_cache_stats *st) { *st = c->st; }
+
+void dev_cache_reset_stats(dev_cache *c) {
+    uint64_t budget = c->st.budget_bytes, res = c->st.resident_bytes;
+    memset(&c->st, 0, sizeof c->st);
+    c->st.budget_bytes = budget;
+    c->st.resident_bytes = res;
+    c->st.peak_bytes = res;
+}

@@ -1,0 +1,33 @@
+/* dev_cache.h - the expert tier in a backend's own memory (GPU memory for CUDA): fixed slots
+ * under a byte budget, LRU with pins, filled from the host expert store. Not the host RAM cache
+ * (store.h) and not used by backends that compute on host memory. */
+#ifndef MF_EXPERTS_DEV_CACHE_H
+#define MF_EXPERTS_DEV_CACHE_H
+
+#include <stdint.h>
+
+#include "backend/backend.h"
+#include "experts/store.h"
+
+typedef struct dev_cache dev_cache;
+
+typedef struct dev_cache_stats {
+    uint64_t hits, misses, evictions;
+    uint64_t bytes_uploaded;
+    double upload_seconds;
+    uint64_t budget_bytes, resident_bytes, peak_bytes;
+} dev_cache_stats;
+
+/* budget_bytes below one slot is raised to one slot, above every blob cut to every blob. */
+mf_status dev_cache_open(dev_cache **out, mf_backend *be, expert_store *host, const mfpack_layout *L,
+                         uint64_t budget_bytes, mf_err *err);
+void dev_cache_close(dev_cache *c);
+/* Makes as many of ids[0..n) of layer resident as fit (best effort, like the store's). */
+mf_status dev_cache_prefetch(dev_cache *c, int layer, const int32_t *ids, int n, mf_err *err);
+/* Backend pointer to the blob of (layer, id), pinned until dev_cache_release. */
+mf_status dev_cache_get(dev_cache *c, int layer, int32_t id, const void **blob, mf_err *err);
+void dev_cache_release(dev_cache *c, int layer, int32_t id);
+void dev_cache_stats_get(const dev_cache *c, dev_cache_stats *st);
+void dev_cache_reset_stats(dev_cache *c);
+
+#endif
