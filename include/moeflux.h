@@ -124,6 +124,12 @@ void mf_engine_options_init(mf_engine_options *o);
 /* Reads the dense weights and opens the expert store; call once after mf_model_open. */
 mf_status mf_model_load(mf_model *m, const mf_engine_options *o);
 int mf_model_vocab(const mf_model *m);
+/* Measures the loaded backend's memory bandwidth: device_gbps counts bytes read plus written by a
+ * large copy in backend memory, upload_gbps host-to-backend bytes per second through the path
+ * experts take. Both in GB/s (1e9). Takes about a second. */
+mf_status mf_model_bandwidth(mf_model *m, double *device_gbps, double *upload_gbps);
+/* The backend's name ("cpu", "cuda") once loaded. */
+const char *mf_model_backend(const mf_model *m);
 
 typedef struct mf_expert_stats {
     /* host tier: RAM cache in front of the file */
@@ -143,7 +149,22 @@ typedef struct mf_session mf_session;
 typedef struct mf_session_options {
     int max_ctx;       /* positions the session can hold; 0 = 4096 (capped by the model) */
     int prefill_chunk; /* tokens per batched forward step; 0 = 64 */
+    int profile;       /* time each phase of the forward pass (waits for the backend at each
+                          phase boundary, so it slows a GPU run a little) */
 } mf_session_options;
+
+/* Seconds spent per phase since the session began or the last reset (profile on). */
+typedef struct mf_profile {
+    double mixer;          /* attention or Gated DeltaNet blocks */
+    double router;         /* router, top-k, and the choice coming back to the host */
+    double expert_wait;    /* making experts resident: reads, uploads */
+    double expert_compute; /* routed and shared experts, dense MLPs */
+    double other;          /* embedding, norms, residuals, lm_head */
+    uint64_t tokens;       /* tokens run */
+} mf_profile;
+void mf_session_profile(const mf_session *s, mf_profile *p);
+void mf_session_set_profile(mf_session *s, int on);
+void mf_session_reset_profile(mf_session *s);
 
 void mf_session_options_init(mf_session_options *o);
 /* On failure *out still receives a handle (unless out of memory) holding the message. */

@@ -125,7 +125,8 @@ static void usage_eval(void) {
     fprintf(stderr,
             "usage: moeflux eval MODEL (--tokens 1,2,3 | --tokens-file F) [--logits-out F.npy]\n"
             "                   [--greedy N] [--json] [--stats] [--expert-cache-mb N] [--threads N]\n"
-            "                   [--io-threads N] [--o-direct] [--ctx N] [--chunk N] [--reference]\n");
+            "                   [--io-threads N] [--o-direct] [--ctx N] [--chunk N] [--reference]\n"
+            "                   [--cuda] [--gpu-cache-gb G]\n");
 }
 
 static int print_stats(mf_model *m, double prefill_s, int n_prompt, double decode_s, int n_gen) {
@@ -134,7 +135,7 @@ static int print_stats(mf_model *m, double prefill_s, int n_prompt, double decod
     uint64_t uses = st.hits + st.misses;
     fprintf(stderr,
             "prefill: %d tokens in %.3f s (%.1f tok/s); decode: %d tokens in %.3f s (%.1f tok/s)\n"
-            "experts: %llu hits, %llu misses (hit rate %.1f%%), %llu evictions, %.1f MB read in %llu reads "
+            "host expert cache: %llu hits, %llu misses (hit rate %.1f%%), %llu evictions, %.1f MB read in %llu reads "
             "(%.2f GB/s), cache budget %.1f MB, peak %.1f MB\n"
             "peak RSS %.1f MB\n",
             n_prompt, prefill_s, prefill_s > 0 ? n_prompt / prefill_s : 0.0, n_gen, decode_s,
@@ -143,6 +144,15 @@ static int print_stats(mf_model *m, double prefill_s, int n_prompt, double decod
             (unsigned long long)st.evictions, st.bytes_read / 1e6, (unsigned long long)st.reads,
             st.read_seconds > 0 ? st.bytes_read / st.read_seconds / 1e9 : 0.0, st.budget_bytes / 1e6,
             st.peak_bytes / 1e6, peak_rss_bytes() / 1e6);
+    if (st.gpu_budget_bytes) {
+        uint64_t g = st.gpu_hits + st.gpu_misses;
+        fprintf(stderr, "gpu expert cache: %llu hits, %llu misses (hit rate %.1f%%), %llu evictions, %.1f MB uploaded "
+                        "(%.2f GB/s), budget %.1f MB, peak %.1f MB\n",
+                (unsigned long long)st.gpu_hits, (unsigned long long)st.gpu_misses, g ? 100.0 * st.gpu_hits / g : 0.0,
+                (unsigned long long)st.gpu_evictions, st.gpu_bytes_uploaded / 1e6,
+                st.gpu_upload_seconds > 0 ? st.gpu_bytes_uploaded / st.gpu_upload_seconds / 1e9 : 0.0,
+                st.gpu_budget_bytes / 1e6, st.gpu_peak_bytes / 1e6);
+    }
     return 0;
 }
 
@@ -165,6 +175,15 @@ int cmd_eval(int argc, char **argv) {
         else if (!strcmp(a, "--io-threads")) eo.io_threads = val ? atoi(val) : -1;
         else if (!strcmp(a, "--ctx")) so.max_ctx = val ? atoi(val) : -1;
         else if (!strcmp(a, "--chunk")) so.prefill_chunk = val ? atoi(val) : -1;
+        else if (!strcmp(a, "--gpu-cache-gb")) {
+            char *end = NULL;
+            double g = val ? strtod(val, &end) : -1;
+            if (!val || *end || !(g >= 0)) {
+                fprintf(stderr, "moeflux eval: --gpu-cache-gb needs a size in GB\n");
+                return 2;
+            }
+            eo.gpu_cache_bytes = g > 0 ? (uint64_t)(g * 1e9) : 1;
+        }
         else if (!strcmp(a, "--expert-cache-mb")) {
             if (!val || parse_mb(val, &eo.expert_cache_bytes)) {
                 fprintf(stderr, "moeflux eval: --expert-cache-mb needs a size in MB (e.g. 512, 2g)\n");
@@ -175,6 +194,7 @@ int cmd_eval(int argc, char **argv) {
             if (!strcmp(a, "--json")) json = 1;
             else if (!strcmp(a, "--stats")) stats = 1;
             else if (!strcmp(a, "--o-direct")) eo.o_direct = 1;
+            else if (!strcmp(a, "--cuda")) eo.use_cuda = 1;
             else if (!strcmp(a, "--reference")) eo.reference = 1;
             else if (a[0] == '-' && a[1]) {
                 fprintf(stderr, "moeflux eval: unknown option '%s'\n", a);

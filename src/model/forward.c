@@ -9,6 +9,7 @@
 #include "model/model_internal.h"
 
 #define OPS (m->be->ops)
+#define MARK(field) prof_mark(s, &s->prof.field)
 
 /* Gated attention (qwen3_5_moe / qwen3_next) or plain attention (qwen3_moe). h -> y. */
 static void attention_block(mf_session *s, int l, int n) {
@@ -84,6 +85,7 @@ static mf_status moe_block(mf_session *s, int l, int n) {
     mf_backend *be = m->be;
     int E = hp->n_experts, K = hp->top_k;
     int64_t H = hp->hidden;
+    MARK(other);
     OPS->matmul(be, &lw->router, s->h, n, s->small1);
     OPS->router_topk(be, s->small1, n, E, K, hp->norm_topk_prob, s->d_topk_ids, s->d_topk_w);
     /* the choice comes back to the host: it decides which experts to fetch */
@@ -113,13 +115,17 @@ static mf_status moe_block(mf_session *s, int l, int n) {
     OPS->upload(be, s->d_expert_tok, s->expert_tok, sizeof(int32_t) * (size_t)(n * K));
     OPS->upload(be, s->d_expert_tw, s->expert_tw, sizeof(float) * (size_t)(n * K));
     OPS->copy(be, s->y, s->zeros, sizeof(float) * (size_t)(n * H));
+    MARK(router);
     mf_status st = experts_prefetch(m, l, s->used_ids, n_used, &s->err);
     if (st) return st;
+    MARK(expert_wait);
     const mfpack_expert_layer *EL = mfpack_experts(&m->file.L, l);
     for (int u = 0; u < n_used; u++) {
         int e = s->used_ids[u];
         const void *blob;
+        MARK(expert_compute);
         if ((st = experts_get(m, l, e, &blob, &s->err))) return st;
+        MARK(expert_wait);
         mf_wmat parts[3];
         for (int p = 0; p < 3; p++) {
             parts[p].type = EL->parts[p].type;
@@ -140,6 +146,7 @@ static mf_status moe_block(mf_session *s, int l, int n) {
         OPS->matmul(be, &lw->sh_gate_w, s->h, n, s->small2);
         OPS->add_gated(be, s->y, s->big4, s->small2, n, H);
     }
+    MARK(expert_compute);
     return MF_OK;
 }
 
@@ -155,32 +162,46 @@ mf_status forward_chunk(mf_session *s, const int32_t *tokens, int n, float *logi
                            tokens[t], s->pos + t, hp->vocab);
         s->positions[t] = s->pos + t;
     }
+    if (s->profile) prof_mark(s, NULL);
     OPS->upload(be, s->d_positions, s->positions, sizeof(int32_t) * (size_t)n);
     OPS->upload(be, s->d_tokens, tokens, sizeof(int32_t) * (size_t)n);
     OPS->embed(be, &m->w.embed, s->d_tokens, n, s->x);
     for (int l = 0; l < hp->n_layers; l++) {
         const layer_weights *lw = &m->w.layers[l];
         OPS->rmsnorm(be, s->x, lw->input_norm, n, H, eps, s->h);
+        MARK(other);
         if (hp->layer_kind[l] == MF_LAYER_FULL_ATTENTION) attention_block(s, l, n);
         else linear_block(s, l, n);
+        MARK(mixer);
         OPS->add(be, s->x, s->y, n * H);
         OPS->rmsnorm(be, s->x, lw->post_norm, n, H, eps, s->h);
         if (hp->layer_moe[l]) {
             mf_status st = moe_block(s, l, n);
             if (st) return st;
         } else {
+            MARK(other);
             swiglu_mlp(be, &lw->mlp_gate, &lw->mlp_up, &lw->mlp_down, s->h, n, s->big2, s->big3, s->y);
+            MARK(expert_compute);
         }
         OPS->add(be, s->x, s->y, n * H);
     }
     /* tokens now occupy positions pos .. pos + n - 1 */
     memmove(s->tokens + s->pos, tokens, sizeof(int32_t) * (size_t)n);
     s->pos += n;
-    if (!logits) return MF_OK;
+    s->prof.tokens += (uint64_t)n;
+    if (!logits) {
+        MARK(other);
+        return MF_OK;
+    }
     int64_t rows = all_logits ? n : 1;
     const float *last = all_logits ? s->x : s->x + (n - 1) * H;
     OPS->rmsnorm(be, last, m->w.final_norm, rows, H, eps, s->h);
-    OPS->matmul(be, &m->w.lm_head, s->h, rows, s->d_logits);
-    OPS->download(be, logits, s->d_logits, sizeof(float) * (size_t)(rows * V));
+    if (OPS->host_memory) {
+        OPS->matmul(be, &m->w.lm_head, s->h, rows, logits); /* straight into the caller's buffer */
+    } else {
+        OPS->matmul(be, &m->w.lm_head, s->h, rows, s->d_logits);
+        OPS->download(be, logits, s->d_logits, sizeof(float) * (size_t)(rows * V));
+    }
+    MARK(other);
     return MF_OK;
 }

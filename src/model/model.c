@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include <stdio.h>
+#include <time.h>
 
 #include "core/err.h"
 #include "format/mfpack.h"
@@ -112,6 +113,45 @@ void experts_release(mf_model *m, int layer, int32_t id) {
     else expert_store_release(m->store, layer, id);
 }
 
+const char *mf_model_backend(const mf_model *m) { return m && m->loaded ? m->be->ops->name : NULL; }
+
+static double clock_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+mf_status mf_model_bandwidth(mf_model *m, double *device_gbps, double *upload_gbps) {
+    if (!m || !m->loaded) return MF_ERR_ARG;
+    mf_backend *be = m->be;
+    size_t bytes = (size_t)256 << 20;
+    void *a = be->ops->alloc(be, bytes), *b = be->ops->alloc(be, bytes);
+    char *host = NULL;
+    if (!host && posix_memalign((void **)&host, 4096, bytes)) host = NULL;
+    mf_status st = MF_OK;
+    if (!a || !b || !host) {
+        st = err_set(&m->err, MF_ERR_NOMEM, "bandwidth: cannot allocate 2 x %zu MB", bytes >> 20);
+    } else {
+        memset(host, 1, bytes);
+        be->ops->copy(be, b, a, bytes);
+        be->ops->sync(be);
+        int reps = 8;
+        double t0 = clock_s();
+        for (int i = 0; i < reps; i++) be->ops->copy(be, (i & 1) ? a : b, (i & 1) ? b : a, bytes);
+        be->ops->sync(be);
+        double t1 = clock_s();
+        for (int i = 0; i < reps; i++) be->ops->upload(be, a, host, bytes);
+        be->ops->sync(be);
+        double t2 = clock_s();
+        *device_gbps = 2.0 * bytes * reps / (t1 - t0) / 1e9;
+        *upload_gbps = (double)bytes * reps / (t2 - t1) / 1e9;
+    }
+    if (a) be->ops->free(be, a);
+    if (b) be->ops->free(be, b);
+    free(host);
+    return st;
+}
+
 int mf_model_vocab(const mf_model *m) { return m && m->open ? m->file.L.hp.vocab : 0; }
 
 void mf_model_expert_stats(const mf_model *m, mf_expert_stats *out) {
@@ -191,6 +231,8 @@ const char *mf_model_info_json(mf_model *m) {
     for (int t = 0; t < MF_QTYPE_COUNT; t++)
         if (counts[t]) cJSON_AddNumberToObject(dt, mf_qtype_name((mf_qtype)t), counts[t]);
     cJSON_AddNumberToObject(o, "dense_bytes", (double)payload);
+    const mfpack_tensor *emb = mfpack_find(L, "embed_tokens");
+    cJSON_AddNumberToObject(o, "embed_bytes", emb ? (double)emb->bytes : 0.0);
     cJSON_AddNumberToObject(o, "experts_bytes", (double)L->experts_bytes);
     cJSON_AddNumberToObject(o, "file_bytes", (double)L->file_bytes);
     if (L->extra_json) {

@@ -41,6 +41,9 @@ struct mf_session {
     mf_model *m;
     int max_ctx, chunk;
     int pos;
+    int profile;
+    mf_profile prof;
+    double prof_t;             /* clock at the last phase boundary */
     int32_t *tokens;           /* host [max_ctx] tokens at positions 0 .. pos-1 */
     /* backend memory */
     float **k_cache, **v_cache;/* per full-attention layer: [max_ctx][n_kv][head_dim]; NULL elsewhere */
@@ -73,6 +76,9 @@ struct mf_session {
     int32_t *expert_start;     /* [n_experts + 1] */
     int32_t *used_ids;         /* [n_experts] */
 };
+
+/* Profiling: closes the current phase (waiting for the backend first) and charges it to *acc. */
+void prof_mark(mf_session *s, double *acc);
 
 /* Runs n <= chunk tokens at positions pos .. pos + n - 1 through every layer; writes logits
  * [n][vocab] when all_logits, else only the last token's [vocab] (logits may be NULL). */

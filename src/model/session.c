@@ -11,7 +11,36 @@
 
 #include "model/model_internal.h"
 
+#include <time.h>
+
 #define SESSION_MAGIC "MFSESS\0\0"
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+void prof_mark(mf_session *s, double *acc) {
+    if (!s->profile) return;
+    s->m->be->ops->sync(s->m->be);
+    double t = now_s();
+    if (acc) *acc += t - s->prof_t;
+    s->prof_t = t;
+}
+
+void mf_session_profile(const mf_session *s, mf_profile *p) {
+    if (s) *p = s->prof;
+    else memset(p, 0, sizeof *p);
+}
+
+void mf_session_set_profile(mf_session *s, int on) {
+    if (s) s->profile = on;
+}
+
+void mf_session_reset_profile(mf_session *s) {
+    if (s) memset(&s->prof, 0, sizeof s->prof);
+}
 #define SESSION_VERSION 1u
 
 void mf_session_options_init(mf_session_options *o) {
@@ -77,6 +106,7 @@ mf_status mf_session_new(mf_model *m, const mf_session_options *o, mf_session **
     if (!o) o = &def;
     const mf_hparams *hp = &m->file.L.hp;
     s->max_ctx = o->max_ctx > 0 ? o->max_ctx : def.max_ctx;
+    s->profile = o->profile;
     s->chunk = o->prefill_chunk > 0 ? o->prefill_chunk : def.prefill_chunk;
     if (s->max_ctx > hp->max_position) s->max_ctx = hp->max_position;
     if (s->chunk > s->max_ctx) s->chunk = s->max_ctx;
@@ -119,7 +149,7 @@ mf_status mf_session_new(mf_model *m, const mf_session_options *o, mf_session **
     s->d_topk_w = balloc(s, f * (size_t)(T * K), &ok);
     s->d_expert_tok = balloc(s, sizeof(int32_t) * (size_t)(T * K), &ok);
     s->d_expert_tw = balloc(s, f * (size_t)(T * K), &ok);
-    s->d_logits = balloc(s, f * (size_t)T * (size_t)hp->vocab, &ok);
+    if (!m->be->ops->host_memory) s->d_logits = balloc(s, f * (size_t)T * (size_t)hp->vocab, &ok);
     for (int l = 0; ok && l < L; l++) {
         if (hp->layer_kind[l] == MF_LAYER_FULL_ATTENTION) {
             size_t n = f * (size_t)s->max_ctx * (size_t)hp->n_kv_heads * (size_t)hp->head_dim;
