@@ -153,7 +153,17 @@ void cpu_dequant_row(const mf_wmat *w, int64_t r, float *out) {
  * element 32h + 4k + i). Field i is isolated with a mask (no shift): it then reads
  * q * 2^(bits i), exactly, and x is prepared once per token in the same order scaled by
  * 2^-(bits i), so q x comes out exact. The top field (i = 32/bits - 1) is shifted down
- * instead, since masked in place it would read as a negative int32. */
+ * instead, since masked in place it would read as a negative int32.
+ * Accuracy: all sums are f32. The fused form cancels when x has a large mean over a group
+ * (b sum(x) against s sum(q x)); against the double reference, norm-relative errors measured
+ * 1e-7..5e-7 for zero-mean x and up to 4e-6 for x of mean 3 sd (plain f32 dots: 1e-7..8e-7).
+ * Centring q (q - 8) would remove that but costs a third more arithmetic per weight.
+ * Loop order per thread (mm_rows_*): row blocks (all rows when n_tok <= MM_TILE, else as many
+ * as fit MM_BLOCK_BYTES), then token tiles of MM_TILE, then column blocks (q4/q8: as many
+ * groups as fit the tile's prepared x in MM_XP_FLOATS), then rows; so each weight byte comes
+ * from memory once per call. Scratch is on the stack (~38 KB per thread): no allocation.
+ * A row's arithmetic does not depend on how rows are split, so results are the same for any
+ * number of threads. */
 
 /* Prepares one token's x for groups [0, ng) of a column block: xp [ng][64] (element e of
  * a group goes to slot v * 8 + k where field v of lane k holds it, scaled as above),
