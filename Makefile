@@ -24,7 +24,7 @@ CLI_OBJ  := $(CLI_SRC:%.c=$(BUILD)/%.o)
 TEST_OBJ := $(TEST_SRC:%.c=$(BUILD)/%.o)
 CU_OBJ   := $(if $(NVCC),$(CU_SRC:%.cu=$(BUILD)/%.cu.o))
 
-.PHONY: all test asan demo clean
+.PHONY: all test asan demo bench clean
 all: $(BUILD)/moeflux
 
 $(BUILD)/libmoeflux.a: $(LIB_OBJ) $(CU_OBJ)
@@ -71,6 +71,13 @@ demo: $(DEMO_MODEL)
 	@echo "demo: random weights, so the text is gibberish; the point is the machinery around it"
 	$(BUILD)/moeflux run $(DEMO_MODEL) --chat -p "Explain mixture-of-experts models in one sentence." \
 	  -n 48 --seed 1 --expert-cache-mb 4
+
+# Benchmark programs (bench/*.c); they print figures, they assert nothing.
+BENCH_SRC := $(filter-out bench/bench_cuda%,$(wildcard bench/*.c))
+BENCH_BIN := $(BENCH_SRC:bench/%.c=$(BUILD)/%)
+$(BUILD)/bench_%: bench/bench_%.c $(BUILD)/libmoeflux.a
+	$(CC) $(CFLAGS) -o $@ $< $(BUILD)/libmoeflux.a $(LDLIBS)
+bench: $(BENCH_BIN) $(BUILD)/moeflux
 
 clean:
 	rm -rf build
