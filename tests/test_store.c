@@ -599,3 +599,439 @@ Test(store, options_defaults_and_tiny_budget) {
     cr_assert_eq(expert_store_open(&s, NULL, NULL, &err), MF_ERR_ARG);
     pack_close(&p);
 }
+
+/* ---- async prefetch ---- */
+
+static uint64_t total_blobs(const pack *p) {
+    uint64_t t = 0;
+    for (int m = 0; m < p->n_moe; m++) t += (uint64_t)p->count[m];
+    return t;
+}
+
+static void prefetch_async_ok(expert_store *s, int layer, const int32_t *ids, int n) {
+    mf_err err;
+    err_clear(&err);
+    cr_assert_eq(expert_store_prefetch_async(s, layer, ids, n, &err), MF_OK, "%s", err.msg);
+}
+
+/* Polls until the background thread has read every queued blob (no failures expected). */
+static void wait_async_done(expert_store *s) {
+    expert_stats st;
+    for (int t = 0; t < 100000; t++) {
+        expert_store_stats(s, &st);
+        if (st.prefetch_async_reads == st.prefetch_async_requests) return;
+        usleep(100);
+    }
+    cr_assert_fail("async reads did not finish: %llu of %llu",
+                   (unsigned long long)st.prefetch_async_reads,
+                   (unsigned long long)st.prefetch_async_requests);
+}
+
+/* Counters that hold whatever the interleaving. */
+static void assert_async_sane(expert_store *s, const pack *p) {
+    expert_stats st;
+    expert_store_stats(s, &st);
+    cr_assert(st.resident_bytes <= st.budget_bytes && st.peak_bytes <= st.budget_bytes);
+    cr_assert(st.prefetched_used <= st.prefetch_async_reads);
+    cr_assert(st.prefetch_async_reads <= st.prefetch_async_requests);
+    cr_assert(st.prefetch_async_reads <= st.reads);
+    cr_assert_eq(st.bytes_read, st.reads * p->stride[0]);
+    cr_assert(st.wait_seconds >= 0 && st.read_seconds >= 0);
+}
+
+static void check_async_bytes(pack *p, uint64_t blobs, int io_threads) {
+    expert_store *s = store_new(p, blobs, io_threads, 0);
+    uint64_t total = total_blobs(p), gets = 0;
+    for (int round = 0; round < 3; round++) {
+        for (int m = 0; m < p->n_moe; m++) {
+            int32_t ids[MAX_EXPERTS];
+            for (int e = 0; e < p->count[m]; e++) ids[e] = (int32_t)((e * 3 + round) % p->count[m]);
+            prefetch_async_ok(s, p->layers[m], ids, p->count[m]);
+            for (int e = 0; e < p->count[m]; e++, gets++) check_get(s, p, m, ids[e]);
+        }
+        assert_async_sane(s, p);
+    }
+    expert_stats st;
+    expert_store_stats(s, &st);
+    cr_assert_eq(st.hits + st.misses, gets, "each get is one use");
+    uint64_t n_slots = blobs < total ? blobs : total;
+    cr_assert(st.prefetch_async_requests >= (n_slots < 8 ? n_slots : 8));
+    if (blobs >= total) {
+        cr_assert_eq(st.reads, total, "everything fits: each blob read once (%llu)",
+                     (unsigned long long)st.reads);
+        cr_assert_eq(st.prefetch_async_reads, total);
+        cr_assert_eq(st.prefetched_used, total);
+        cr_assert_eq(st.evictions, 0);
+        cr_assert(st.hits >= gets - total, "rounds 2 and 3 hit");
+    }
+    /* after the reads end, a get of a prefetched blob is a hit and waits for nothing */
+    expert_store_reset_stats(s);
+    int32_t ids[] = {7, 2, 5};
+    int n = blobs < 3 ? (int)blobs : 3, L = p->layers[p->n_moe - 1];
+    prefetch_async_ok(s, L, ids, 3);
+    wait_async_done(s);
+    for (int k = 0; k < n; k++) check_get(s, p, p->n_moe - 1, ids[k]);
+    expert_store_stats(s, &st);
+    cr_assert_eq(st.hits, (uint64_t)n, "finished async reads are hits (%llu)", (unsigned long long)st.hits);
+    cr_assert_eq(st.misses, 0);
+    cr_assert_eq(st.wait_seconds, 0);
+    expert_store_close(s);
+}
+
+Test(store, async_bytes_budgets_1_3_all) {
+    pack p;
+    pack_open(&p, "qwen3_5_moe_text", "--experts", "bf16");
+    const uint64_t budgets[] = {1, 3, UINT64_MAX};
+    for (int b = 0; b < 3; b++) {
+        check_async_bytes(&p, budgets[b], 4);
+        check_async_bytes(&p, budgets[b], 1);
+    }
+    pack_close(&p);
+    pack_open(&p, "qwen3_moe_fused", NULL, NULL); /* q4 blobs, a dense layer between */
+    check_async_bytes(&p, 3, 8);
+    check_async_bytes(&p, UINT64_MAX, 8);
+    pack_close(&p);
+}
+
+/* Every blob of every layer queued at once, then got in another order while reads run. */
+Test(store, async_gets_race_reads) {
+    pack p;
+    pack_open(&p, "qwen3_5_moe_text", "--experts", "bf16");
+    uint64_t total = total_blobs(&p);
+    uint32_t rng = 99u;
+    int waited_rounds = 0;
+    for (int round = 0; round < 60; round++) {
+        expert_store *s = store_new(&p, UINT64_MAX, 1 + round % 4, 0);
+        for (int m = 0; m < p.n_moe; m++) {
+            int32_t ids[MAX_EXPERTS];
+            for (int e = 0; e < p.count[m]; e++) ids[e] = (int32_t)e;
+            prefetch_async_ok(s, p.layers[m], ids, p.count[m]);
+        }
+        int order_m[MAX_LAYERS * MAX_EXPERTS], order_e[MAX_LAYERS * MAX_EXPERTS], n = 0;
+        for (int m = p.n_moe - 1; m >= 0; m--)
+            for (int e = p.count[m] - 1; e >= 0; e--) order_m[n] = m, order_e[n++] = e;
+        for (int k = n - 1; k > 0 && round % 2; k--) { /* odd rounds: shuffled, else reversed */
+            int j = (int)(lcg(&rng) % (uint32_t)(k + 1)), tm = order_m[k], te = order_e[k];
+            order_m[k] = order_m[j], order_e[k] = order_e[j];
+            order_m[j] = tm, order_e[j] = te;
+        }
+        const void *held[MAX_LAYERS * MAX_EXPERTS];
+        mf_err err;
+        for (int k = 0; k < n; k++) { /* kept pinned: the bytes must stay while later reads land */
+            err_clear(&err);
+            cr_assert_eq(expert_store_get(s, p.layers[order_m[k]], order_e[k], &held[k], &err), MF_OK,
+                         "%s", err.msg);
+            cr_assert(memcmp(held[k], p.ref[order_m[k]][order_e[k]], p.stride[order_m[k]]) == 0,
+                      "round %d: layer %d expert %d: bytes differ", round, p.layers[order_m[k]],
+                      order_e[k]);
+        }
+        for (int k = 0; k < n; k++) {
+            cr_assert(memcmp(held[k], p.ref[order_m[k]][order_e[k]], p.stride[order_m[k]]) == 0);
+            expert_store_release(s, p.layers[order_m[k]], order_e[k]);
+        }
+        expert_stats st;
+        expert_store_stats(s, &st);
+        cr_assert_eq(st.reads, total, "no get read a blob the background was reading");
+        cr_assert_eq(st.prefetch_async_reads, total);
+        cr_assert_eq(st.prefetched_used, total);
+        cr_assert_eq(st.hits + st.misses, total);
+        cr_assert_eq(st.misses > 0, st.wait_seconds > 0, "a miss here is a get that waited");
+        waited_rounds += st.misses > 0;
+        expert_store_close(s);
+    }
+    cr_log_info("gets waited for in-flight reads in %d of 60 rounds", waited_rounds);
+    pack_close(&p);
+}
+
+Test(store, async_budget_smaller_than_ids) {
+    pack p;
+    pack_open(&p, "qwen3_5_moe_text", "--experts", "bf16");
+    expert_store *s = store_new(&p, 3, 4, 0);
+    int L = p.layers[1];
+    int32_t ids[] = {5, 1, 7, 0, 2, 6, 3, 4};
+    prefetch_async_ok(s, L, ids, 8);
+    expert_stats st;
+    expert_store_stats(s, &st);
+    cr_assert_eq(st.prefetch_async_requests, 3, "only what fits is queued");
+    cr_assert_eq(st.resident_bytes, 3 * p.stride[1]);
+    cr_assert_eq(st.hits + st.misses, 0, "an async prefetch is not a use");
+    for (int k = 0; k < 8; k++) check_get(s, &p, 1, ids[k]);
+    expert_store_stats(s, &st);
+    cr_assert_eq(st.reads, 8);
+    cr_assert_eq(st.prefetch_async_reads, 3);
+    cr_assert_eq(st.prefetched_used, 3);
+    cr_assert_eq(st.hits + st.misses, 8);
+
+    /* two of three slots pinned: an async prefetch of four queues at most one */
+    const void *a, *b;
+    mf_err err;
+    cr_assert_eq(expert_store_get(s, L, 0, &a, &err), MF_OK);
+    cr_assert_eq(expert_store_get(s, L, 1, &b, &err), MF_OK);
+    expert_store_reset_stats(s);
+    int32_t more[] = {4, 5, 6, 7};
+    prefetch_async_ok(s, L, more, 4);
+    expert_store_stats(s, &st);
+    cr_assert_eq(st.prefetch_async_requests, 0, "4 is resident; no unpinned slot beyond it");
+    cr_assert_eq(st.evictions, 0);
+    int32_t other[] = {6, 7};
+    prefetch_async_ok(s, L, other, 2);
+    expert_store_stats(s, &st);
+    cr_assert_eq(st.prefetch_async_requests, 1, "6 replaces 4, 7 has no room");
+    /* a second call never evicts what the first is reading: it queues 3 only when 6 is read */
+    prefetch_async_ok(s, L, (int32_t[]){3}, 1);
+    expert_store_stats(s, &st);
+    cr_assert_eq(st.evictions, st.prefetch_async_requests, "every slot taken was a READY blob");
+    cr_assert(memcmp(a, p.ref[1][0], p.stride[1]) == 0 && memcmp(b, p.ref[1][1], p.stride[1]) == 0,
+              "pinned blobs kept their bytes");
+    expert_store_release(s, L, 0);
+    expert_store_release(s, L, 1);
+    check_get(s, &p, 1, 3);
+    check_get(s, &p, 1, 6);
+    assert_async_sane(s, &p);
+    expert_store_close(s);
+
+    /* blobs a prefetch fetched for gets that have not come are not evicted by a guess */
+    s = store_new(&p, 3, 2, 0);
+    int32_t three[] = {0, 1, 2};
+    err_clear(&err);
+    cr_assert_eq(expert_store_prefetch(s, L, three, 3, &err), MF_OK, "%s", err.msg);
+    prefetch_async_ok(s, L, (int32_t[]){3, 4}, 2);
+    expert_store_stats(s, &st);
+    cr_assert_eq(st.prefetch_async_requests, 0, "0, 1 and 2 wait for their gets");
+    check_get(s, &p, 1, 0);
+    check_get(s, &p, 1, 1);
+    prefetch_async_ok(s, L, (int32_t[]){3, 4}, 2);
+    expert_store_stats(s, &st);
+    cr_assert_eq(st.prefetch_async_requests, 2, "0 and 1 were used: they may go, 2 stays");
+    cr_assert_eq(st.evictions, 2);
+    for (int e = 2; e <= 4; e++) check_get(s, &p, 1, e);
+    expert_store_stats(s, &st);
+    cr_assert_eq(st.reads, 5);
+    cr_assert_eq(st.hits + st.misses, 5);
+    expert_store_close(s);
+
+    /* one slot, read in the background: a get of another blob waits for it, then evicts it */
+    for (int round = 0; round < 50; round++) {
+        s = store_new(&p, 1, 2, 0);
+        prefetch_async_ok(s, L, (int32_t[]){round % 8}, 1);
+        check_get(s, &p, 1, (round + 3) % 8);
+        check_get(s, &p, 1, round % 8);
+        expert_store_stats(s, &st);
+        cr_assert_eq(st.prefetch_async_reads, 1);
+        cr_assert_eq(st.prefetched_used, 0, "evicted before its get");
+        cr_assert_eq(st.reads, 3);
+        expert_store_close(s);
+    }
+    pack_close(&p);
+}
+
+static void check_truncated_async(int o_direct) {
+    pack p;
+    pack_open(&p, "qwen3_5_moe_text", "--experts", "bf16");
+    expert_store *s = store_new(&p, 4, 4, o_direct);
+    int last = p.n_moe - 1, L = p.layers[last];
+    const mfpack_expert_layer *E = mfpack_experts(&p.f.L, L);
+    cr_assert(E);
+    /* cut inside expert 5 of the last layer: 0..4 whole, 5 partial, 6 and 7 gone */
+    cr_assert_eq(truncate(p.path, (off_t)(E->offset + 5 * E->stride + 4096)), 0);
+    int32_t ids[] = {4, 6, 7, 3};
+    prefetch_async_ok(s, L, ids, 4);
+    const void *blob = (const void *)1;
+    mf_err err;
+    err_clear(&err);
+    mf_status st = expert_store_get(s, L, 6, &blob, &err);
+    cr_assert_eq(st, MF_ERR_FORMAT, "status %d: %s", st, err.msg);
+    cr_assert_null(blob);
+    char want[64];
+    snprintf(want, sizeof want, "layer %d expert 6", L);
+    cr_assert(strstr(err.msg, want) && strstr(err.msg, p.path) && strstr(err.msg, "truncated"),
+              "message: %s", err.msg);
+    check_get(s, &p, last, 4);
+    check_get(s, &p, last, 3);
+    /* 7's failure is reported once, by the sync prefetch that meets it; 0 is read */
+    int32_t ids2[] = {7, 0};
+    err_clear(&err);
+    st = expert_store_prefetch(s, L, ids2, 2, &err);
+    cr_assert_eq(st, MF_ERR_FORMAT, "status %d", st);
+    snprintf(want, sizeof want, "layer %d expert 7", L);
+    cr_assert(strstr(err.msg, want), "message: %s", err.msg);
+    check_get(s, &p, last, 0);
+    /* reported once: the next get of 6 reads again, and fails again on its own */
+    err_clear(&err);
+    cr_assert_eq(expert_store_get(s, L, 6, &blob, &err), MF_ERR_FORMAT);
+    cr_assert(err.msg[0]);
+    expert_stats stt;
+    expert_store_stats(s, &stt);
+    cr_assert_eq(stt.prefetch_async_requests, 4);
+    cr_assert_eq(stt.prefetch_async_reads, 2, "4 and 3");
+    cr_assert_eq(stt.prefetched_used, 2);
+    cr_assert_eq(stt.resident_bytes, 3 * E->stride, "4, 3 and 0; no failed slot is left");
+    check_get(s, &p, 0, 1);
+    /* failed slots left unclaimed are reused without counting an eviction */
+    prefetch_async_ok(s, L, (int32_t[]){5, 6, 7}, 3);
+    check_get(s, &p, 0, 2);
+    check_get(s, &p, 1, 2);
+    expert_store_stats(s, &stt);
+    cr_assert(stt.resident_bytes <= stt.budget_bytes);
+    expert_store_close(s);
+    pack_close(&p);
+}
+
+Test(store, async_truncated_after_open) {
+    check_truncated_async(0);
+    check_truncated_async(1);
+}
+
+Test(store, async_close_and_cancel_in_flight) {
+    pack p;
+    pack_open(&p, "qwen3_5_moe_text", "--experts", "bf16");
+    mf_err err;
+    for (int round = 0; round < 100; round++) {
+        expert_store *s = store_new(&p, round % 3 ? UINT64_MAX : 5, 1 + round % 3, 0);
+        const void *blob = NULL;
+        if (round % 4 == 1) { /* a pinned blob across close */
+            err_clear(&err);
+            cr_assert_eq(expert_store_get(s, p.layers[0], 3, &blob, &err), MF_OK, "%s", err.msg);
+        }
+        for (int m = 0; m < p.n_moe; m++) { /* several calls: some queue behind a running batch */
+            int32_t ids[MAX_EXPERTS];
+            for (int e = 0; e < p.count[m]; e++) ids[e] = (int32_t)(p.count[m] - 1 - e);
+            prefetch_async_ok(s, p.layers[m], ids, p.count[m]);
+        }
+        if (round % 2) {
+            expert_store_cancel_async(s);
+            assert_async_sane(s, &p);
+            for (int m = 0; m < p.n_moe; m++)
+                for (int e = 0; e < p.count[m]; e++) check_get(s, &p, m, e);
+            expert_stats st;
+            expert_store_stats(s, &st);
+            cr_assert(st.prefetch_async_reads <= st.prefetch_async_requests);
+            cr_assert(st.reads >= total_blobs(&p) || st.evictions > 0);
+            /* a queue emptied by cancel takes new work */
+            prefetch_async_ok(s, p.layers[0], (int32_t[]){1, 2}, 2);
+            check_get(s, &p, 0, 2);
+            check_get(s, &p, 0, 1);
+        }
+        expert_store_close(s);
+    }
+    /* close and cancel with no async ever started, and cancel on NULL */
+    expert_store *s = store_new(&p, 3, 2, 0);
+    expert_store_cancel_async(s);
+    expert_store_cancel_async(NULL);
+    expert_store_close(s);
+    pack_close(&p);
+}
+
+Test(store, async_bad_arguments) {
+    pack p;
+    pack_open(&p, "qwen3_5_moe_text", "--experts", "bf16");
+    expert_store *s = store_new(&p, 3, 2, 0);
+    mf_err err;
+    int32_t bad[] = {0, 8};
+    cr_assert_eq(expert_store_prefetch_async(s, p.layers[0], bad, 2, &err), MF_ERR_ARG);
+    cr_assert_eq(expert_store_prefetch_async(s, 99, bad, 1, &err), MF_ERR_ARG);
+    cr_assert_eq(expert_store_prefetch_async(s, p.layers[0], NULL, 1, &err), MF_ERR_ARG);
+    cr_assert_eq(expert_store_prefetch_async(s, p.layers[0], bad, -1, &err), MF_ERR_ARG);
+    cr_assert_eq(expert_store_prefetch_async(NULL, p.layers[0], bad, 1, &err), MF_ERR_ARG);
+    cr_assert_eq(expert_store_prefetch_async(s, p.layers[0], NULL, 0, &err), MF_OK);
+    expert_stats st;
+    expert_store_stats(s, &st);
+    cr_assert_eq(st.prefetch_async_requests + st.resident_bytes, 0, "refused calls queue nothing");
+    /* duplicates are read once */
+    prefetch_async_ok(s, p.layers[0], (int32_t[]){4, 4, 4}, 3);
+    check_get(s, &p, 0, 4);
+    expert_store_stats(s, &st);
+    cr_assert_eq(st.prefetch_async_requests, 1);
+    cr_assert_eq(st.reads, 1);
+    expert_store_close(s);
+    pack_close(&p);
+}
+
+/* Random async and sync prefetches, gets (held pinned for a while), releases and cancels on a
+ * budget of 5 blobs, every byte checked against independent preads. */
+static void async_random(pack *p, uint32_t seed, int io_threads) {
+    enum { CAP = 5 };
+    expert_store *s = store_new(p, CAP, io_threads, 0);
+    int held_m[64], held_e[64], nheld = 0;
+    const void *held_blob[64];
+    uint32_t rng = seed;
+    mf_err err;
+    int n_ok = 0, last_m = 0, last_n = 0; /* the last async prefetch, whose ids gets favour */
+    int32_t last_ids[CAP + 2];
+    for (int step = 0; step < 200; step++) {
+        uint32_t op = lcg(&rng) % 12;
+        int mi = (int)(lcg(&rng) % (uint32_t)p->n_moe), layer = p->layers[mi];
+        if (op < 4 || op == 11) { /* async prefetch or sync prefetch, up to CAP + 2 ids */
+            int32_t ids[CAP + 2];
+            int n = 1 + (int)(lcg(&rng) % (CAP + 2));
+            for (int k = 0; k < n; k++) ids[k] = (int32_t)(lcg(&rng) % (uint32_t)p->count[mi]);
+            err_clear(&err);
+            mf_status st = op == 11 ? expert_store_prefetch(s, layer, ids, n, &err)
+                                    : expert_store_prefetch_async(s, layer, ids, n, &err);
+            cr_assert_eq(st, MF_OK, "step %d: %s", step, err.msg);
+            if (op != 11) {
+                last_m = mi, last_n = n;
+                memcpy(last_ids, ids, sizeof(int32_t) * (size_t)n);
+            }
+        } else if (op < 7 && nheld < 64) { /* get, held */
+            int e = (int)(lcg(&rng) % (uint32_t)p->count[mi]);
+            if (last_n > 0 && lcg(&rng) % 3) { /* mostly what was just prefetched, maybe in flight */
+                mi = last_m, layer = p->layers[mi];
+                e = last_ids[lcg(&rng) % (uint32_t)last_n];
+            }
+            /* distinct blobs pinned: with CAP of them and e not among them, the get must fail */
+            int distinct = 0, mine = 0;
+            for (int h = 0; h < nheld; h++) {
+                int first = 1;
+                for (int g = 0; g < h; g++)
+                    first &= !(held_m[g] == held_m[h] && held_e[g] == held_e[h]);
+                distinct += first;
+                mine |= held_m[h] == mi && held_e[h] == e;
+            }
+            const void *blob = NULL;
+            err_clear(&err);
+            mf_status st = expert_store_get(s, layer, e, &blob, &err);
+            if (distinct == CAP && !mine) {
+                cr_assert_eq(st, MF_ERR_NOMEM, "step %d: every slot is pinned", step);
+                continue;
+            }
+            cr_assert_eq(st, MF_OK, "step %d: get layer %d expert %d: %s", step, layer, e, err.msg);
+            cr_assert(memcmp(blob, p->ref[mi][e], p->stride[mi]) == 0,
+                      "step %d: layer %d expert %d: bytes differ", step, layer, e);
+            held_m[nheld] = mi, held_e[nheld] = e, held_blob[nheld++] = blob;
+            n_ok++;
+        } else if (op < 10 && nheld > 0) { /* release one held, its bytes intact */
+            int h = (int)(lcg(&rng) % (uint32_t)nheld);
+            cr_assert(memcmp(held_blob[h], p->ref[held_m[h]][held_e[h]], p->stride[held_m[h]]) == 0,
+                      "step %d: a pinned blob changed", step);
+            expert_store_release(s, p->layers[held_m[h]], held_e[h]);
+            nheld--;
+            held_m[h] = held_m[nheld], held_e[h] = held_e[nheld], held_blob[h] = held_blob[nheld];
+        } else if (op == 10) {
+            expert_store_cancel_async(s);
+        }
+        if (step % 20 == 0) assert_async_sane(s, p);
+    }
+    for (int h = 0; h < nheld; h++) {
+        cr_assert(memcmp(held_blob[h], p->ref[held_m[h]][held_e[h]], p->stride[held_m[h]]) == 0);
+        expert_store_release(s, p->layers[held_m[h]], held_e[h]);
+    }
+    assert_async_sane(s, p);
+    expert_stats st;
+    expert_store_stats(s, &st);
+    cr_assert(n_ok > 20 && st.prefetch_async_requests > 10 && st.evictions > 0,
+              "seed %u: the mix exercises too little: %d gets, %llu async requests, %llu evictions",
+              seed, n_ok, (unsigned long long)st.prefetch_async_requests,
+              (unsigned long long)st.evictions);
+    cr_log_info("seed %u: %d gets, %llu async requests, %llu used, %llu evictions", seed, n_ok,
+                (unsigned long long)st.prefetch_async_requests,
+                (unsigned long long)st.prefetched_used, (unsigned long long)st.evictions);
+    expert_store_close(s);
+}
+
+Test(store, async_random_mixed_budget_5) {
+    pack p;
+    pack_open(&p, "qwen3_5_moe_text", "--experts", "bf16");
+    for (uint32_t seed = 1; seed <= 8; seed++) async_random(&p, seed * 7919u, 1 + (int)(seed % 4));
+    pack_close(&p);
+}
