@@ -151,6 +151,7 @@ typedef struct mf_session_options {
     int prefill_chunk; /* tokens per batched forward step; 0 = 64 */
     int profile;       /* time each phase of the forward pass (waits for the backend at each
                           phase boundary, so it slows a GPU run a little) */
+    int no_predict;    /* turn off next-layer expert prediction and background prefetch */
 } mf_session_options;
 
 /* Seconds spent per phase since the session began or the last reset (profile on). */
@@ -161,6 +162,10 @@ typedef struct mf_profile {
     double expert_compute; /* routed and shared experts, dense MLPs */
     double other;          /* embedding, norms, residuals, lm_head */
     uint64_t tokens;       /* tokens run */
+    /* next-layer expert prediction (the next MoE layer's router applied to the current hidden
+     * state; its experts are fetched while this layer computes): routed experts that were
+     * predicted, out of all routed experts of layers that had a prediction */
+    uint64_t predicted_hits, predicted_total;
 } mf_profile;
 void mf_session_profile(const mf_session *s, mf_profile *p);
 void mf_session_set_profile(mf_session *s, int on);

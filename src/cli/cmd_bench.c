@@ -208,7 +208,7 @@ int cmd_bench(int argc, char **argv) {
                "\"expert_cache_budget_bytes\": %llu, \"expert_cache_peak_bytes\": %llu, \"peak_rss_bytes\": %llu, "
                "\"memory_gbps\": %.2f, \"transfer_gbps\": %.2f, \"bytes_per_token\": %.0f, \"moved_bytes_per_token\": %.0f, "
                "\"memory_bound_tok_s\": %.2f, \"transfer_bound_tok_s\": %.2f, \"fraction_of_memory_bound\": %.4f, "
-               "\"fraction_of_transfer_bound\": %.4f}\n",
+               "\"fraction_of_transfer_bound\": %.4f, \"prediction_accuracy\": %.4f}\n",
                model, backend, eo.n_threads, n_prompt, n_gen, t1 - t0, pf, t3 - t2, dc, 1e3 * prof.mixer / ptok,
                1e3 * prof.router / ptok, 1e3 * prof.expert_wait / ptok, 1e3 * prof.expert_compute / ptok,
                1e3 * prof.other / ptok, pre_hit, (unsigned long long)pre.bytes_read, dec_hit,
@@ -216,7 +216,8 @@ int cmd_bench(int argc, char **argv) {
                gpu_hit, (unsigned long long)dec.gpu_bytes_uploaded, (unsigned long long)dec.gpu_budget_bytes,
                (unsigned long long)dec.budget_bytes, (unsigned long long)dec.peak_bytes,
                (unsigned long long)rss, dev_gbps, xfer_gbps, bpt, moved, mem_limit, xfer_limit,
-               mem_limit > 0 ? dc / mem_limit : 0.0, xfer_limit > 0 ? dc / xfer_limit : 0.0);
+               mem_limit > 0 ? dc / mem_limit : 0.0, xfer_limit > 0 ? dc / xfer_limit : 0.0,
+               prof.predicted_total ? (double)prof.predicted_hits / prof.predicted_total : 0.0);
     } else {
         printf("backend %s\n", backend);
         printf("prefill  %5d tokens  %8.3f s  %9.2f tok/s  expert hit rate %5.1f%%  %.1f MB read\n", n_prompt,
@@ -229,6 +230,9 @@ int cmd_bench(int argc, char **argv) {
             printf("decode split, ms/token: mixer %.3f  router %.3f  expert wait %.3f  expert compute %.3f  other %.3f\n",
                    1e3 * prof.mixer / ptok, 1e3 * prof.router / ptok, 1e3 * prof.expert_wait / ptok,
                    1e3 * prof.expert_compute / ptok, 1e3 * prof.other / ptok);
+        if (prof.predicted_total)
+            printf("next-layer expert prediction: %.1f%% of routed experts predicted\n",
+                   100.0 * prof.predicted_hits / prof.predicted_total);
         printf("limits: %.1f MB/token at %.1f GB/s memory -> %.1f tok/s (%.0f%% reached)", bpt / 1e6, dev_gbps, mem_limit,
                mem_limit > 0 ? 100 * dc / mem_limit : 0.0);
         if (xfer_limit > 0)

@@ -78,6 +78,37 @@ static void swiglu_mlp(mf_backend *be, const mf_wmat *gate, const mf_wmat *up, c
     be->ops->matmul(be, down, t1, n, out);
 }
 
+static void pred_clear(mf_session *s) {
+    for (int k = 0; k < s->n_pred; k++) s->pred_mark[s->pred_ids[k]] = 0;
+    s->n_pred = 0;
+    s->pred_layer = -1;
+}
+
+/* Applies the next MoE layer's router to this layer's hidden state and starts fetching the
+ * experts it picks, so their reads overlap this layer's expert compute. */
+static void predict_next(mf_session *s, int l, int n) {
+    mf_model *m = s->m;
+    const mf_hparams *hp = &m->file.L.hp;
+    mf_backend *be = m->be;
+    int ln = l + 1;
+    while (ln < hp->n_layers && !hp->layer_moe[ln]) ln++;
+    if (ln >= hp->n_layers) return;
+    int E = hp->n_experts, K = hp->top_k;
+    pred_clear(s);
+    OPS->matmul(be, &m->w.layers[ln].router, s->h, n, s->small3);
+    OPS->router_topk(be, s->small3, n, E, K, 0, s->d_topk_ids, s->d_topk_w);
+    OPS->download(be, s->topk_ids, s->d_topk_ids, sizeof(int32_t) * (size_t)(n * K));
+    for (int64_t i = 0; i < (int64_t)n * K; i++) {
+        int32_t e = s->topk_ids[i];
+        if (e >= 0 && e < E && !s->pred_mark[e]) {
+            s->pred_mark[e] = 1;
+            s->pred_ids[s->n_pred++] = e;
+        }
+    }
+    s->pred_layer = ln;
+    experts_prefetch_async(m, ln, s->pred_ids, s->n_pred);
+}
+
 static mf_status moe_block(mf_session *s, int l, int n) {
     mf_model *m = s->m;
     const mf_hparams *hp = &m->file.L.hp;
@@ -112,6 +143,12 @@ static mf_status moe_block(mf_session *s, int l, int n) {
             s->expert_tok[at] = t;
             s->expert_tw[at] = s->topk_w[(int64_t)t * K + j];
         }
+    /* how well the previous layer predicted this one */
+    if (s->pred_layer == l) {
+        for (int u = 0; u < n_used; u++) s->prof.predicted_hits += s->pred_mark[s->used_ids[u]];
+        s->prof.predicted_total += (uint64_t)n_used;
+    }
+    pred_clear(s);
     OPS->upload(be, s->d_expert_tok, s->expert_tok, sizeof(int32_t) * (size_t)(n * K));
     OPS->upload(be, s->d_expert_tw, s->expert_tw, sizeof(float) * (size_t)(n * K));
     OPS->copy(be, s->y, s->zeros, sizeof(float) * (size_t)(n * H));
@@ -119,6 +156,7 @@ static mf_status moe_block(mf_session *s, int l, int n) {
     mf_status st = experts_prefetch(m, l, s->used_ids, n_used, &s->err);
     if (st) return st;
     MARK(expert_wait);
+    if (s->predict) predict_next(s, l, n);
     const mfpack_expert_layer *EL = mfpack_experts(&m->file.L, l);
     for (int u = 0; u < n_used; u++) {
         int e = s->used_ids[u];

@@ -108,6 +108,12 @@ mf_status experts_get(mf_model *m, int layer, int32_t id, const void **blob, mf_
     return expert_store_get(m->store, layer, id, blob, err);
 }
 
+void experts_prefetch_async(mf_model *m, int layer, const int32_t *ids, int n) {
+    /* the host tier reads in the background; the device tier uploads when the layer runs */
+    mf_err ignored;
+    expert_store_prefetch_async(m->store, layer, ids, n, &ignored);
+}
+
 void experts_release(mf_model *m, int layer, int32_t id) {
     if (m->dcache) dev_cache_release(m->dcache, layer, id);
     else expert_store_release(m->store, layer, id);

@@ -27,6 +27,8 @@ struct mf_model {
 mf_status experts_prefetch(mf_model *m, int layer, const int32_t *ids, int n, mf_err *err);
 mf_status experts_get(mf_model *m, int layer, int32_t id, const void **blob, mf_err *err);
 void experts_release(mf_model *m, int layer, int32_t id);
+/* Starts fetching experts a coming layer will probably use; returns at once. */
+void experts_prefetch_async(mf_model *m, int layer, const int32_t *ids, int n);
 
 /* Linear-attention state at one position, kept so truncation can restore it. */
 typedef struct lin_snapshot {
@@ -75,6 +77,10 @@ struct mf_session {
     float *expert_tw;          /* [chunk * top_k] */
     int32_t *expert_start;     /* [n_experts + 1] */
     int32_t *used_ids;         /* [n_experts] */
+    int32_t *pred_ids;         /* [n_experts] predicted experts of layer pred_layer */
+    uint8_t *pred_mark;        /* [n_experts] */
+    int n_pred, pred_layer;    /* pred_layer -1: no prediction pending */
+    int predict;               /* next-layer prediction on */
 };
 
 /* Profiling: closes the current phase (waiting for the backend first) and charges it to *acc. */

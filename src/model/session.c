@@ -87,7 +87,7 @@ void mf_session_free(mf_session *s) {
     free(s->rec_state);
     for (int i = 0; i < SESSION_SNAPSHOTS; i++) free(s->snaps[i].data);
     void *bufs[] = {s->tokens, s->positions, s->topk_ids, s->topk_w, s->expert_count, s->expert_tok,
-                    s->expert_tw, s->expert_start, s->used_ids, s->lin_host};
+                    s->expert_tw, s->expert_start, s->used_ids, s->lin_host, s->pred_ids, s->pred_mark};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
     free(s);
 }
@@ -132,6 +132,10 @@ mf_status mf_session_new(mf_model *m, const mf_session_options *o, mf_session **
     s->expert_tw = zalloc(f * (size_t)(T * K), &ok);
     s->expert_start = zalloc(sizeof(int32_t) * (size_t)(hp->n_experts + 1), &ok);
     s->used_ids = zalloc(sizeof(int32_t) * (size_t)hp->n_experts, &ok);
+    s->pred_ids = zalloc(sizeof(int32_t) * (size_t)hp->n_experts, &ok);
+    s->pred_mark = zalloc((size_t)hp->n_experts, &ok);
+    s->pred_layer = -1;
+    s->predict = !o->no_predict;
     s->k_cache = zalloc(sizeof(float *) * (size_t)L, &ok);
     s->v_cache = zalloc(sizeof(float *) * (size_t)L, &ok);
     s->conv_state = zalloc(sizeof(float *) * (size_t)L, &ok);
