@@ -57,7 +57,7 @@ test: $(BUILD)/test_moeflux $(TOKDIR)/.fetched
 	  MOEFLUX_TOKENIZERS=$(abspath $(TOKDIR)) $(BUILD)/test_moeflux -j2
 
 asan:
-	$(MAKE) BUILD=build/asan OPT="-O1 -g" NVCC= \
+	LSAN_OPTIONS=suppressions=$(abspath tests/lsan.supp):print_suppressions=0 $(MAKE) BUILD=build/asan OPT="-O1 -g" NVCC= \
 	  SAN="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined" test
 
 # A small Qwen3.5-shaped model with random weights that carries the real Qwen3 tokenizer: the
