@@ -5,6 +5,7 @@
 #include <criterion/criterion.h>
 
 #include <cJSON.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -184,6 +185,46 @@ Test(tokenizer, deepseek_v3_reference, .timeout = 120) {
     check_reference("deepseek_v3", 0); /* add_bos_token true, ByteLevel post-processor: BOS 0 */
 }
 
+/* The ids of every chat.json rendering (test_chat.c checks the texts, this the ids): the text
+ * encoded with added tokens parsed and no post-processing. qwen3_5's ids come from the qwen3
+ * tokenizer (see tests/tokenizer/README.md). */
+static void check_chat_ids(const char *refs, const char *tok_name) {
+    char path[4096];
+    snprintf(path, sizeof path, "%s/../tokenizer/%s/chat.json", th_fixtures(), refs);
+    size_t len;
+    char *json = th_read_file(path, &len);
+    cr_assert(json, "cannot read %s", path);
+    cJSON *root = cJSON_ParseWithLength(json, len);
+    free(json);
+    const cJSON *cases = cJSON_GetObjectItemCaseSensitive(root, "cases");
+    cr_assert(cJSON_IsArray(cases) && cJSON_GetArraySize(cases) >= 40, "%s: expected >= 40 cases", path);
+    tokenizer *t = load_real(tok_name, 1);
+    int n_cases = 0, bad = 0;
+    const cJSON *c;
+    cJSON_ArrayForEach(c, cases) {
+        const cJSON *jt = cJSON_GetObjectItemCaseSensitive(c, "text");
+        cr_assert(cJSON_IsString(jt), "%s: case %d has no text", path, n_cases);
+        size_t n_ref, n;
+        int32_t *ref = json_ids(cJSON_GetObjectItemCaseSensitive(c, "ids"), &n_ref), *ids;
+        encode_str(t, jt->valuestring, 1, 0, &ids, &n);
+        if (!ids_equal(ids, n, ref, n_ref)) {
+            if (bad < 10) cr_log_error("%s chat case %d (%.60s): ids differ", refs, n_cases, jt->valuestring);
+            bad++;
+        }
+        n_cases++;
+        free(ref), free(ids);
+    }
+    cr_assert_eq(bad, 0, "%s: %d of %d chat renderings encode differently", refs, bad, n_cases);
+    tok_free(t);
+    cJSON_Delete(root);
+}
+
+Test(tokenizer, chat_rendering_ids, .timeout = 120) {
+    check_chat_ids("qwen3", "qwen3");
+    check_chat_ids("deepseek_v3", "deepseek_v3");
+    check_chat_ids("qwen3_5", "qwen3");
+}
+
 /* ---- facts read off the tokenizer files ---- */
 
 static void expect_ids(const tokenizer *t, const char *text, int parse_special, int add_special,
@@ -252,6 +293,54 @@ Test(tokenizer, deepseek_v3_vocab_and_bos) {
     expect_ids(cfg, "hello", 1, 0, (int32_t[]){33310}, 1);
     tok_free(plain);
     tok_free(cfg);
+}
+
+/* ---- one tokenizer, several threads ---- */
+
+typedef struct enc_job {
+    const tokenizer *t;
+    const char *text;
+    size_t len;
+    int32_t *ids; /* malloc'd by tok_encode */
+    size_t n;
+    mf_status st;
+} enc_job;
+
+static void *enc_thread(void *arg) {
+    enc_job *j = arg;
+    mf_err err = {0};
+    j->st = tok_encode(j->t, j->text, j->len, 1, 0, &j->ids, &j->n, &err);
+    return NULL;
+}
+
+Test(tokenizer, concurrent_encodes_agree) {
+    tokenizer *t = load_real("qwen3", 0);
+    /* varied words, so that the threads fill and read the shared word cache at once */
+    size_t cap = 1 << 20, len = 0;
+    char *text = malloc(cap);
+    cr_assert(text);
+    for (unsigned i = 0; len + 64 < cap; i++)
+        len += (size_t)snprintf(text + len, cap - len, "word%u Zeta%u, %u don't\n", i * 7919u % 10007u, i % 97u, i);
+    enc_job ref = {t, text, len, NULL, 0, MF_OK};
+    enc_thread(&ref);
+    cr_assert_eq(ref.st, MF_OK);
+    tok_free(t);
+    t = load_real("qwen3", 0); /* an empty cache again */
+    enc_job jobs[4];
+    pthread_t th[4];
+    for (int k = 0; k < 4; k++) {
+        jobs[k] = (enc_job){t, text, len, NULL, 0, MF_OK};
+        cr_assert_eq(pthread_create(&th[k], NULL, enc_thread, &jobs[k]), 0);
+    }
+    for (int k = 0; k < 4; k++) {
+        pthread_join(th[k], NULL);
+        cr_expect_eq(jobs[k].st, MF_OK);
+        cr_expect(ids_equal(jobs[k].ids, jobs[k].n, ref.ids, ref.n), "thread %d: %zu ids, want %zu", k, jobs[k].n, ref.n);
+        free(jobs[k].ids);
+    }
+    free(ref.ids);
+    free(text);
+    tok_free(t);
 }
 
 /* ---- decoding of broken UTF-8 ---- */

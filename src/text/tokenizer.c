@@ -460,14 +460,14 @@ typedef struct cache_ent {
     uint16_t key_len, n_ids;
 } cache_ent;
 
-/* word (ByteLevel-mapped pre-token) -> BPE ids; cleared when full; guarded by mu. */
+/* word (ByteLevel-mapped pre-token) -> BPE ids; cleared when full; guarded by mu. One calloc. */
 typedef struct bpe_cache {
     pthread_mutex_t mu;
-    uint32_t *slot;  /* (CACHE_SLOTS) entry index + 1, 0 = empty */
-    cache_ent *ent;  /* (CACHE_MAX_ENT) */
-    char *keys;      /* (CACHE_KEY_POOL) key bytes */
-    int32_t *ids;    /* (CACHE_ID_POOL) */
     uint32_t n_ent, keys_len, ids_len;
+    uint32_t slot[CACHE_SLOTS];     /* entry index + 1, 0 = empty */
+    cache_ent ent[CACHE_MAX_ENT];
+    char keys[CACHE_KEY_POOL];      /* key bytes of the entries */
+    int32_t ids[CACHE_ID_POOL];     /* ids of the entries */
 } bpe_cache;
 
 struct tokenizer {
@@ -1149,14 +1149,8 @@ void tok_free(tokenizer *t) {
     }
     free(t->post_pre.p);
     free(t->post_post.p);
-    if (t->cache) {
-        pthread_mutex_destroy(&t->cache->mu);
-        free(t->cache->slot);
-        free(t->cache->ent);
-        free(t->cache->keys);
-        free(t->cache->ids);
-        free(t->cache);
-    }
+    if (t->cache) pthread_mutex_destroy(&t->cache->mu);
+    free(t->cache);
     free(t);
 }
 
@@ -1192,21 +1186,8 @@ mf_status tok_load(tokenizer **out, const char *tokenizer_json, size_t len, cons
     if (!st) st = build_id_tables(t, what, err);
     if (!st && config_json) st = load_config(t, config_json, what, err);
     if (!st) {
-        bpe_cache *c = calloc(1, sizeof *c);
-        t->cache = c;
-        if (!c || !(c->slot = calloc(CACHE_SLOTS, sizeof *c->slot)) ||
-            !(c->ent = malloc(CACHE_MAX_ENT * sizeof *c->ent)) || !(c->keys = malloc(CACHE_KEY_POOL)) ||
-            !(c->ids = malloc(CACHE_ID_POOL * sizeof *c->ids)))
-            st = oom(err, what);
-        else
-            pthread_mutex_init(&c->mu, NULL);
-        if (st && c && !c->ids) { /* not initialised: free by hand */
-            free(c->slot);
-            free(c->ent);
-            free(c->keys);
-            free(c);
-            t->cache = NULL;
-        }
+        if (!(t->cache = calloc(1, sizeof *t->cache))) st = oom(err, what);
+        else pthread_mutex_init(&t->cache->mu, NULL);
     }
     if (st) {
         tok_free(t);
