@@ -30,6 +30,14 @@ static void usage(FILE *f) {
             "      Run a prompt of token ids: logits of every position as .npy, then N greedy tokens.\n"
             "  moeflux bench MODEL [--prompt-tokens N] [--gen-tokens N] [--json] [--expert-cache-mb N]\n"
             "      Time prefill and decode on random tokens; expert cache and memory figures.\n"
+            "  moeflux run MODEL -p PROMPT [-n N] [--chat] [sampling flags] (moeflux run for the list)\n"
+            "      Generate from a prompt, streaming the text; a summary line at the end.\n"
+            "  moeflux chat MODEL [sampling flags]\n"
+            "      Interactive chat over one session: /reset, /save FILE, /load FILE, /quit.\n"
+            "  moeflux tokenize MODEL_OR_TOKENIZER_DIR (TEXT | --text-file F) [--json]\n"
+            "  moeflux detokenize MODEL_OR_TOKENIZER_DIR ID...\n"
+            "  moeflux template MODEL_OR_TOKENIZER_DIR --messages F.json [--tools F.json]\n"
+            "                   [--generation-prompt] [--think | --no-think] [--chat-template-file F]\n"
             "  moeflux help | --help,  moeflux version | --version\n",
             MF_VERSION_STRING);
 }
@@ -328,6 +336,11 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "synth")) return cmd_synth(argc - 2, argv + 2);
     if (!strcmp(cmd, "eval")) return cmd_eval(argc - 2, argv + 2);
     if (!strcmp(cmd, "bench")) return cmd_bench(argc - 2, argv + 2);
+    if (!strcmp(cmd, "run")) return cmd_run(argc - 2, argv + 2);
+    if (!strcmp(cmd, "chat")) return cmd_chat(argc - 2, argv + 2);
+    if (!strcmp(cmd, "tokenize")) return cmd_tokenize(argc - 2, argv + 2);
+    if (!strcmp(cmd, "detokenize")) return cmd_detokenize(argc - 2, argv + 2);
+    if (!strcmp(cmd, "template")) return cmd_template(argc - 2, argv + 2);
     if (!strcmp(cmd, "help") || !strcmp(cmd, "--help") || !strcmp(cmd, "-h")) {
         usage(stdout);
         return 0;

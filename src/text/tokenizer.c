@@ -15,10 +15,10 @@
  * - tok_encode(parse_special=0) treats every added token, special or not, as plain text.
  * - Input must be valid UTF-8 (a Rust &str): anything else is refused with MF_ERR_ARG.
  * - add_special: the tokenizer.json post_processor (TemplateProcessing "single", Bert/Roberta,
- *   Sequence; ByteLevel adds nothing). Only when it adds no token at all are tokenizer_config.json's
- *   add_bos_token/add_eos_token honoured (as transformers 4.x's LlamaTokenizerFast did), so a BOS
- *   is never added twice. DeepSeek-V3 therefore gets its BOS from tok_load_dir, and none from
- *   tok_load(config_json=NULL), which is what tokenizers (and transformers 5.17) give.
+ *   Sequence; ByteLevel adds nothing), as tokenizers and transformers 5 apply it.
+ *   tokenizer_config.json's add_bos_token/add_eos_token are not applied on top: transformers 5.17
+ *   does not either (DeepSeek-V3's config says add_bos_token, yet neither adds a BOS; its chat
+ *   template writes the BOS itself).
  * - Decoding maps each token through the ByteLevel table (a token with a character outside it is
  *   taken as its raw UTF-8, as tokenizers does), drops unknown ids, and replaces invalid UTF-8 the
  *   way Rust's String::from_utf8_lossy does: one U+FFFD per maximal invalid subsequence. With no
@@ -1108,6 +1108,8 @@ static mf_status load_config(tokenizer *t, const char *config_json, const char *
         return err_set(err, MF_ERR_FORMAT, "%s: tokenizer_config.json is not a JSON object", what);
     }
     mf_status st = MF_OK;
+    /* The flags are read and their tokens checked, but only a tokenizer.json post_processor adds
+     * tokens (see the top of this file). */
     if (!t->post_pre.n && !t->post_post.n) {
         static const char *flags[2] = {"add_bos_token", "add_eos_token"};
         static const char *names[2] = {"bos_token", "eos_token"};
@@ -1119,7 +1121,7 @@ static mf_status load_config(tokenizer *t, const char *config_json, const char *
             if (id < 0) {
                 st = err_set(err, MF_ERR_FORMAT, "%s: tokenizer_config.json: %s is true but %s is %s", what,
                              flags[k], names[k], cJSON_IsString(tok) ? "not a known token" : "missing");
-            } else if (ivec_push(k ? &t->post_post : &t->post_pre, id)) st = oom(err, what);
+            }
         }
     }
     cJSON_Delete(cfg);
