@@ -2,6 +2,7 @@
  * Not compiled when the CUDA backend is (MF_WITH_CUDA). */
 #ifndef MF_WITH_CUDA
 #include "backend/backend.h"
+#include "backend/cuda/cuda_backend.h"
 
 mf_backend *cuda_backend_create(int device, mf_err *err) {
     (void)device;
@@ -10,4 +11,9 @@ mf_backend *cuda_backend_create(int device, mf_err *err) {
 }
 
 int cuda_backend_available(void) { return 0; }
+
+const char *cuda_backend_last_error(mf_backend *b) {
+    (void)b;
+    return NULL;
+}
 #endif

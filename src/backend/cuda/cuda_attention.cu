@@ -1,0 +1,147 @@
+/* cuda_attention.cu - causal grouped-query attention on the GPU: one block per (split of the
+ * context, head, token) with an online softmax per warp; when the context is split (long-context
+ * decode), a second pass merges the splits' partial results from the reserved scratch.
+ * Not the KV cache writes (forward.c copies k and v in). */
+#include "backend/cuda/cuda_internal.cuh"
+
+#define ATT_THREADS 128
+#define ATT_WARPS (ATT_THREADS / 32)
+#define ATT_MAX_J 16       /* head_dim up to 32 * ATT_MAX_J */
+#define ATT_MIN_SPAN 64    /* positions per split, at least */
+#define ATT_MAX_SPLITS 128
+#define ATT_SCRATCH_ROWS 2048 /* token-heads that reserve sizes splits for */
+#define ATT_MAX_HD 256     /* head_dim that reserve sizes splits for */
+
+size_t cuda_attention_scratch_floats(const mf_backend_limits *lim) {
+    int64_t splits = (lim->max_ctx + ATT_MIN_SPAN - 1) / ATT_MIN_SPAN;
+    if (splits > ATT_MAX_SPLITS) splits = ATT_MAX_SPLITS;
+    if (splits < 2) return 0;
+    /* enough for a decode step of up to 64 heads at full split, or more rows at fewer splits */
+    return (size_t)splits * 64 * (ATT_MAX_HD + 2);
+}
+
+/* q, out [n_tok][n_heads][hd]; caches [ctx][n_kv][hd]. Block (split, head, token): positions
+ * [split * span, (split + 1) * span) up to the token's own. Lane l holds dims l + 32 j.
+ * n_split == 1: out is written normalized; else part_ml [rows][n_split][2] (max, sum) and
+ * part_acc [rows][n_split][hd] (unnormalized) for the merge, rows = n_tok * n_heads. */
+__global__ void __launch_bounds__(ATT_THREADS)
+attn_kernel(const float *__restrict__ q, const float *__restrict__ kc, const float *__restrict__ vc, int64_t pos0,
+            int n_heads, int n_kv, int hd, float scale, int64_t span, int n_split, float *__restrict__ out,
+            float *__restrict__ part_ml, float *__restrict__ part_acc) {
+    __shared__ float sm[ATT_WARPS], sl[ATT_WARPS];
+    __shared__ float sacc[ATT_WARPS][32 * ATT_MAX_J];
+    const int split = blockIdx.x, h = blockIdx.y;
+    const int64_t t = blockIdx.z, row = t * n_heads + h;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int kvh = h / (n_heads / n_kv), nj = (hd + 31) / 32;
+    const int64_t last = pos0 + t; /* inclusive */
+    const int64_t p_begin = (int64_t)split * span;
+    int64_t p_end = p_begin + span;
+    if (p_end > last + 1) p_end = last + 1;
+    const float *qr = q + row * hd;
+    float qv[ATT_MAX_J], acc[ATT_MAX_J];
+#pragma unroll
+    for (int j = 0; j < ATT_MAX_J; j++) {
+        const int d = lane + 32 * j;
+        qv[j] = j < nj && d < hd ? qr[d] : 0.0f;
+        acc[j] = 0.0f;
+    }
+    float m = -INFINITY, l = 0.0f;
+    const int64_t kv_stride = (int64_t)n_kv * hd;
+    for (int64_t p = p_begin + warp; p < p_end; p += ATT_WARPS) {
+        const float *kr = kc + p * kv_stride + (int64_t)kvh * hd;
+        float d = 0.0f;
+#pragma unroll
+        for (int j = 0; j < ATT_MAX_J; j++) {
+            const int e = lane + 32 * j;
+            if (j < nj && e < hd) d = fmaf(qv[j], kr[e], d);
+        }
+        const float sc = cb_warp_sum(d) * scale;
+        const float mn = fmaxf(m, sc), corr = expf(m - mn), pw = expf(sc - mn);
+        l = l * corr + pw;
+        m = mn;
+        const float *vr = vc + p * kv_stride + (int64_t)kvh * hd;
+#pragma unroll
+        for (int j = 0; j < ATT_MAX_J; j++) {
+            const int e = lane + 32 * j;
+            if (j < nj) acc[j] = acc[j] * corr + (e < hd ? pw * vr[e] : 0.0f);
+        }
+    }
+    /* merge the warps */
+    if (lane == 0) {
+        sm[warp] = m;
+        sl[warp] = l;
+    }
+#pragma unroll
+    for (int j = 0; j < ATT_MAX_J; j++)
+        if (j < nj) sacc[warp][lane + 32 * j] = acc[j];
+    __syncthreads();
+    float M = -INFINITY;
+    for (int w = 0; w < ATT_WARPS; w++) M = fmaxf(M, sm[w]);
+    float L = 0.0f, f[ATT_WARPS];
+    for (int w = 0; w < ATT_WARPS; w++) {
+        f[w] = sm[w] == -INFINITY ? 0.0f : expf(sm[w] - M);
+        L += sl[w] * f[w];
+    }
+    for (int e = threadIdx.x; e < hd; e += ATT_THREADS) {
+        float a = 0.0f;
+        for (int w = 0; w < ATT_WARPS; w++) a += sacc[w][e] * f[w];
+        if (n_split == 1) out[row * hd + e] = a / L;
+        else part_acc[(row * n_split + split) * hd + e] = a;
+    }
+    if (n_split > 1 && threadIdx.x == 0) {
+        part_ml[(row * n_split + split) * 2] = M;
+        part_ml[(row * n_split + split) * 2 + 1] = L;
+    }
+}
+
+/* One block per token-head: out = sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M). */
+__global__ void attn_merge_kernel(const float *__restrict__ part_ml, const float *__restrict__ part_acc, int n_split,
+                                  int hd, float *__restrict__ out) {
+    const int64_t row = blockIdx.x;
+    const float *ml = part_ml + row * n_split * 2;
+    float M = -INFINITY;
+    for (int s = 0; s < n_split; s++) M = fmaxf(M, ml[2 * s]);
+    float L = 0.0f;
+    for (int s = 0; s < n_split; s++)
+        if (ml[2 * s + 1] > 0.0f) L += ml[2 * s + 1] * expf(ml[2 * s] - M);
+    for (int e = threadIdx.x; e < hd; e += blockDim.x) {
+        float a = 0.0f;
+        for (int s = 0; s < n_split; s++)
+            if (ml[2 * s + 1] > 0.0f) a += part_acc[(row * n_split + s) * hd + e] * expf(ml[2 * s] - M);
+        out[row * hd + e] = a / L;
+    }
+}
+
+void cuda_op_attention(mf_backend *b, const float *q, const float *k_cache, const float *v_cache, int64_t pos0,
+                       int64_t n_tok, int n_heads, int n_kv, int hd, float scale, float *out) {
+    cuda_backend *c = cb_of(b);
+    if (c->failed || n_tok <= 0 || n_heads <= 0) return;
+    if (hd <= 0 || hd > 32 * ATT_MAX_J || n_kv <= 0 || n_heads % n_kv || n_tok > 65535 || n_heads > 65535 ||
+        pos0 < 0) {
+        cb_fail(c, "attention: %d heads, %d kv heads, head_dim %d, %lld tokens at %lld not supported", n_heads, n_kv,
+                hd, (long long)n_tok, (long long)pos0);
+        return;
+    }
+    const int64_t ctx = pos0 + n_tok, rows = n_tok * n_heads;
+    /* split the context when there are too few token-heads to fill the device */
+    int64_t want = ((int64_t)c->n_sm * 4 + rows - 1) / rows;
+    int64_t max_by_len = (ctx + ATT_MIN_SPAN - 1) / ATT_MIN_SPAN;
+    int64_t n_split = want < max_by_len ? want : max_by_len;
+    if (n_split > ATT_MAX_SPLITS) n_split = ATT_MAX_SPLITS;
+    int64_t fit = c->scratch_floats / ((size_t)rows * (size_t)(hd + 2));
+    if (n_split > fit) n_split = fit;
+    if (n_split < 1) n_split = 1;
+    const int64_t span = (ctx + n_split - 1) / n_split;
+    n_split = (ctx + span - 1) / span;
+    float *part_ml = n_split > 1 ? c->scratch : NULL, *part_acc = n_split > 1 ? c->scratch + rows * n_split * 2 : NULL;
+    dim3 grid((unsigned)n_split, (unsigned)n_heads, (unsigned)n_tok);
+    attn_kernel<<<grid, ATT_THREADS, 0, c->stream>>>(q, k_cache, v_cache, pos0, n_heads, n_kv, hd, scale, span,
+                                                     (int)n_split, out, part_ml, part_acc);
+    if (CB_LAUNCHED(c, "attention")) return;
+    if (n_split > 1) {
+        attn_merge_kernel<<<(unsigned)rows, hd < 256 ? 128 : 256, 0, c->stream>>>(part_ml, part_acc, (int)n_split, hd,
+                                                                                  out);
+        CB_LAUNCHED(c, "attention merge");
+    }
+}

@@ -1,0 +1,228 @@
+/* cuda_backend.cu - the CUDA backend: device choice, one stream, memory (alloc, copies through
+ * pinned staging, scratch), the sticky error and the ops table. Not the kernels (one .cu per op family). */
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend/cuda/cuda_internal.cuh"
+
+int cb_check(cuda_backend *c, cudaError_t e, const char *what) {
+    if (e == cudaSuccess) return 0;
+    if (!c->failed) {
+        c->failed = 1;
+        snprintf(c->err, sizeof c->err, "CUDA %s: %s (%s)", what, cudaGetErrorString(e), cudaGetErrorName(e));
+    }
+    return 1;
+}
+
+void cb_fail(cuda_backend *c, const char *fmt, ...) {
+    if (c->failed) return;
+    c->failed = 1;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(c->err, sizeof c->err, fmt, ap);
+    va_end(ap);
+}
+
+extern "C" const char *cuda_backend_last_error(mf_backend *b) {
+    if (!b || strcmp(b->ops->name, "cuda")) return NULL;
+    cuda_backend *c = cb_of(b);
+    return c->failed ? c->err : NULL;
+}
+
+static void cb_destroy(mf_backend *b) {
+    if (!b) return;
+    cuda_backend *c = cb_of(b);
+    cudaSetDevice(c->device);
+    if (c->stream) cudaStreamSynchronize(c->stream);
+    cudaFree(c->scratch);
+    for (int i = 0; i < CB_STAGE_SLOTS; i++) {
+        if (c->stage[i]) cudaFreeHost(c->stage[i]);
+        if (c->stage_done[i]) cudaEventDestroy(c->stage_done[i]);
+    }
+    if (c->stream) cudaStreamDestroy(c->stream);
+    cudaGetLastError();
+    free(c);
+}
+
+static mf_status cb_reserve(mf_backend *b, const mf_backend_limits *lim) {
+    cuda_backend *c = cb_of(b);
+    size_t need = cuda_attention_scratch_floats(lim);
+    if (need <= c->scratch_floats) return MF_OK;
+    if (c->failed) return MF_ERR_INTERNAL;
+    if (cb_check(c, cudaStreamSynchronize(c->stream), "reserve")) return MF_ERR_INTERNAL;
+    float *p = NULL;
+    if (cudaMalloc((void **)&p, need * sizeof(float)) != cudaSuccess) {
+        cudaGetLastError(); /* out of memory is an answer, not a sticky failure */
+        return MF_ERR_NOMEM;
+    }
+    cudaFree(c->scratch);
+    c->scratch = p;
+    c->scratch_floats = need;
+    return MF_OK;
+}
+
+/* ---- memory ---- */
+
+static void *cb_alloc(mf_backend *b, size_t bytes) {
+    cuda_backend *c = cb_of(b);
+    if (c->failed) return NULL;
+    void *p = NULL;
+    if (cudaMalloc(&p, bytes ? bytes : 256) != cudaSuccess) {
+        cudaGetLastError();
+        return NULL;
+    }
+    if (cb_check(c, cudaMemsetAsync(p, 0, bytes, c->stream), "memset")) {
+        cudaFree(p);
+        return NULL;
+    }
+    return p;
+}
+
+static void cb_free(mf_backend *b, void *p) {
+    if (!p) return;
+    cuda_backend *c = cb_of(b);
+    cb_check(c, cudaFree(p), "free"); /* waits for the work that may still read p */
+}
+
+/* Copy semantics: src may be reused as soon as this returns. Bytes go through pinned staging
+ * buffers (memcpy, then an async DMA on the stream), so small uploads do not wait for the
+ * device; a staging buffer is reused once its previous DMA has finished. A large source that
+ * is already pinned is copied directly, then the stream is synchronized. */
+static void cb_upload(mf_backend *b, void *dst, const void *src, size_t bytes) {
+    cuda_backend *c = cb_of(b);
+    if (c->failed || !bytes) return;
+    if (bytes > 2 * CB_STAGE_BYTES) {
+        cudaPointerAttributes a;
+        if (cudaPointerGetAttributes(&a, src) == cudaSuccess && a.type == cudaMemoryTypeHost) {
+            if (!cb_check(c, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, c->stream), "upload"))
+                cb_check(c, cudaStreamSynchronize(c->stream), "upload");
+            return;
+        }
+        cudaGetLastError();
+    }
+    for (size_t done = 0; done < bytes;) {
+        size_t n = bytes - done < CB_STAGE_BYTES ? bytes - done : CB_STAGE_BYTES;
+        int s = c->stage_next;
+        c->stage_next = (s + 1) % CB_STAGE_SLOTS;
+        if (c->stage_busy[s] && cb_check(c, cudaEventSynchronize(c->stage_done[s]), "upload")) return;
+        memcpy(c->stage[s], (const char *)src + done, n);
+        if (cb_check(c, cudaMemcpyAsync((char *)dst + done, c->stage[s], n, cudaMemcpyHostToDevice, c->stream),
+                     "upload") ||
+            cb_check(c, cudaEventRecord(c->stage_done[s], c->stream), "upload"))
+            return;
+        c->stage_busy[s] = 1;
+        done += n;
+    }
+}
+
+static void cb_download(mf_backend *b, void *dst, const void *src, size_t bytes) {
+    cuda_backend *c = cb_of(b);
+    if (!bytes) return;
+    if (!c->failed && !cb_check(c, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, c->stream), "download"))
+        cb_check(c, cudaStreamSynchronize(c->stream), "download");
+    if (c->failed) memset(dst, 0xff, bytes); /* NaN floats, -1 ids: never stale values */
+}
+
+static void cb_copy(mf_backend *b, void *dst, const void *src, size_t bytes) {
+    cuda_backend *c = cb_of(b);
+    if (c->failed || !bytes || dst == src) return;
+    cb_check(c, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, c->stream), "copy");
+}
+
+static void cb_sync(mf_backend *b) {
+    cuda_backend *c = cb_of(b);
+    if (!c->failed) cb_check(c, cudaStreamSynchronize(c->stream), "sync");
+}
+
+static uint64_t cb_mem_free(mf_backend *b) {
+    (void)b;
+    size_t fr = 0, total = 0;
+    if (cudaMemGetInfo(&fr, &total) != cudaSuccess) {
+        cudaGetLastError();
+        return 0;
+    }
+    return fr;
+}
+
+static const mf_backend_ops cuda_ops = {
+    /* .name = */ "cuda",
+    /* .host_memory = */ 0,
+    /* .destroy = */ cb_destroy,
+    /* .reserve = */ cb_reserve,
+    /* .alloc = */ cb_alloc,
+    /* .free = */ cb_free,
+    /* .upload = */ cb_upload,
+    /* .download = */ cb_download,
+    /* .copy = */ cb_copy,
+    /* .sync = */ cb_sync,
+    /* .mem_free = */ cb_mem_free,
+    /* .matmul = */ cuda_op_matmul,
+    /* .embed = */ cuda_op_embed,
+    /* .rmsnorm = */ cuda_op_rmsnorm,
+    /* .rope = */ cuda_op_rope,
+    /* .attention = */ cuda_op_attention,
+    /* .conv1d_silu = */ cuda_op_conv1d_silu,
+    /* .deltanet = */ cuda_op_deltanet,
+    /* .add = */ cuda_op_add,
+    /* .copy_rows = */ cuda_op_copy_rows,
+    /* .mul_sigmoid = */ cuda_op_mul_sigmoid,
+    /* .swiglu = */ cuda_op_swiglu,
+    /* .l2norm = */ cuda_op_l2norm,
+    /* .dn_gates = */ cuda_op_dn_gates,
+    /* .gated_norm = */ cuda_op_gated_norm,
+    /* .router_topk = */ cuda_op_router_topk,
+    /* .gather_rows = */ cuda_op_gather_rows,
+    /* .scatter_add = */ cuda_op_scatter_add,
+    /* .add_gated = */ cuda_op_add_gated,
+};
+
+extern "C" int cuda_backend_available(void) {
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess) {
+        cudaGetLastError();
+        return 0;
+    }
+    return n > 0;
+}
+
+extern "C" mf_backend *cuda_backend_create(int device, mf_err *err) {
+    int n = 0;
+    cudaError_t e = cudaGetDeviceCount(&n);
+    if (e != cudaSuccess || n <= 0) {
+        cudaGetLastError();
+        err_set(err, MF_ERR_UNSUPPORTED, "no usable CUDA device: %s",
+                e != cudaSuccess ? cudaGetErrorString(e) : "none found");
+        return NULL;
+    }
+    if (device < 0 || device >= n) {
+        err_set(err, MF_ERR_ARG, "CUDA device %d does not exist (%d found)", device, n);
+        return NULL;
+    }
+    cudaDeviceProp prop;
+    if ((e = cudaSetDevice(device)) != cudaSuccess || (e = cudaGetDeviceProperties(&prop, device)) != cudaSuccess) {
+        cudaGetLastError();
+        err_set(err, MF_ERR_UNSUPPORTED, "CUDA device %d: %s", device, cudaGetErrorString(e));
+        return NULL;
+    }
+    cuda_backend *c = (cuda_backend *)calloc(1, sizeof *c);
+    if (!c) {
+        err_set(err, MF_ERR_NOMEM, "out of memory");
+        return NULL;
+    }
+    c->base.ops = &cuda_ops;
+    c->device = device;
+    c->n_sm = prop.multiProcessorCount;
+    e = cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking);
+    for (int i = 0; e == cudaSuccess && i < CB_STAGE_SLOTS; i++) {
+        e = cudaHostAlloc((void **)&c->stage[i], CB_STAGE_BYTES, cudaHostAllocDefault);
+        if (e == cudaSuccess) e = cudaEventCreateWithFlags(&c->stage_done[i], cudaEventDisableTiming);
+    }
+    if (e != cudaSuccess) {
+        err_set(err, MF_ERR_UNSUPPORTED, "CUDA device %d (%s): %s", device, prop.name, cudaGetErrorString(e));
+        cb_destroy(&c->base);
+        return NULL;
+    }
+    return &c->base;
+}

@@ -1,0 +1,394 @@
+/* cuda_matmul.cu - y = x W^T on the GPU for f32/bf16/q8/q4 weights: a fused-dequant GEMV for up
+ * to 8 tokens (each weight byte read once, 16-byte loads, x staged in shared memory) and a
+ * shared-memory tiled kernel for more tokens or rows the GEMV cannot vectorize.
+ * Not embedding lookups (cuda_embed.cu). */
+#include "backend/cuda/cuda_quant.cuh"
+
+/* ---- GEMV: n_tok <= 8 ----
+ * A row is a run of 16-byte chunks. A warp works on row tiles of R rows; LPR lanes (a power of
+ * two, up to 32) share a tile, lane i reading chunks i, i + LPR, ... of each of its R rows, so
+ * each x value read serves R rows and a warp's weight loads are contiguous. Each block first
+ * copies x (its tokens) into shared memory, chunk by chunk with the float4s of a chunk
+ * XOR-swizzled so that lanes reading consecutive chunks hit distinct banks, plus each chunk's
+ * sum; then its warps stride over row tiles. Per chunk of a row: w = A f + B (cq_vals), so the
+ * chunk adds A sum(f x) + B sum(x). The LPR lanes' partial sums meet by shuffles. */
+
+#define GEMV_SMEM_MAX (96 * 1024) /* x of the tokens of one launch, and the chunk sums */
+#define GEMV_BIG ((uint64_t)64 << 20) /* weight bytes from which one token uses 4 rows per lane */
+
+/* Where float4 j of chunk c sits among the chunk's F float4s: eight lanes reading float4 j of
+ * eight consecutive chunks (one shared-memory phase) land in eight distinct 16-byte bank groups. */
+template <int F>
+__device__ __forceinline__ int gemv_swz(int64_t c, int j) {
+    return j ^ (int)((c / (8 / F)) & (F - 1));
+}
+
+/* Issues the loads of chunks ch0, ch0 + lpr, ... (U of them, clamped into the row) of rows rr. */
+template <int QT, int R, int U>
+__device__ __forceinline__ void gemv_load(const cq_mat &m, const int64_t *rr, int64_t ch0, int lpr, int64_t nchunks,
+                                          uint4 (&wv)[U][R], float (&A)[U][R], float (&B)[U][R]) {
+    constexpr int EPC = cq_traits<QT>::EPC;
+    const int64_t ng = m.cols / QUANT_GROUP;
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+        const int64_t ch = ch0 + u * lpr < nchunks ? ch0 + u * lpr : ch0;
+#pragma unroll
+        for (int i = 0; i < R; i++) wv[u][i] = cq_load_stream(m.data + (rr[i] * nchunks + ch) * 16);
+        if (cq_traits<QT>::AFFINE) {
+            const int64_t g = ch * EPC / QUANT_GROUP;
+#pragma unroll
+            for (int i = 0; i < R; i++)
+                cq_fold<QT>(cb_bf16(__ldg(m.scales + rr[i] * ng + g)), cb_bf16(__ldg(m.biases + rr[i] * ng + g)),
+                            A[u][i], B[u][i]);
+        }
+    }
+}
+
+/* Adds the loaded chunks' contributions to acc [R][NT]. */
+template <int QT, int NT, int R, int U>
+__device__ __forceinline__ void gemv_math(const float4 *xs4, const float *xsum, int64_t nchunks, int n_tok,
+                                          int64_t ch0, int lpr, const uint4 (&wv)[U][R], const float (&A)[U][R],
+                                          const float (&B)[U][R], float (&acc)[R][NT]) {
+    constexpr int EPC = cq_traits<QT>::EPC, F = EPC / 4;
+    constexpr bool AFF = cq_traits<QT>::AFFINE;
+    const int64_t nf4 = nchunks * F;
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+        const int64_t ch = ch0 + u * lpr;
+        if (ch >= nchunks) break;
+        if (NT == 1) {
+            float xv[EPC];
+#pragma unroll
+            for (int j = 0; j < F; j++) {
+                const float4 v = xs4[ch * F + gemv_swz<F>(ch, j)];
+                xv[4 * j] = v.x, xv[4 * j + 1] = v.y, xv[4 * j + 2] = v.z, xv[4 * j + 3] = v.w;
+            }
+            const float X = AFF ? xsum[ch] : 0.0f;
+#pragma unroll
+            for (int i = 0; i < R; i++) {
+                float f[EPC], d0 = 0.0f, d1 = 0.0f;
+                cq_vals<QT>(wv[u][i], f);
+#pragma unroll
+                for (int j = 0; j < EPC; j += 2) {
+                    d0 = fmaf(f[j], xv[j], d0);
+                    d1 = fmaf(f[j + 1], xv[j + 1], d1);
+                }
+                acc[i][0] = AFF ? fmaf(A[u][i], d0 + d1, fmaf(B[u][i], X, acc[i][0])) : acc[i][0] + (d0 + d1);
+            }
+        } else {
+            float f[R][EPC];
+#pragma unroll
+            for (int i = 0; i < R; i++) cq_vals<QT>(wv[u][i], f[i]);
+#pragma unroll
+            for (int t = 0; t < NT; t++) {
+                if (t < n_tok) {
+                    float xv[EPC];
+#pragma unroll
+                    for (int j = 0; j < F; j++) {
+                        const float4 v = xs4[t * nf4 + ch * F + gemv_swz<F>(ch, j)];
+                        xv[4 * j] = v.x, xv[4 * j + 1] = v.y, xv[4 * j + 2] = v.z, xv[4 * j + 3] = v.w;
+                    }
+                    const float X = AFF ? xsum[t * nchunks + ch] : 0.0f;
+#pragma unroll
+                    for (int i = 0; i < R; i++) {
+                        float d = 0.0f;
+#pragma unroll
+                        for (int j = 0; j < EPC; j++) d = fmaf(f[i][j], xv[j], d);
+                        acc[i][t] = AFF ? fmaf(A[u][i], d, fmaf(B[u][i], X, acc[i][t])) : acc[i][t] + d;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/* Block of THREADS: x [n_tok][cols] staged as described above, then warps stride over row
+ * tiles. A warp issues its first weight loads before the staging, so that they overlap it.
+ * y [n_tok][rows]. */
+template <int QT, int NT, int R, int U, int THREADS>
+__global__ void __launch_bounds__(THREADS)
+gemv_kernel(cq_mat m, int64_t nchunks, int lpr_log2, int64_t n_tiles, const float *__restrict__ x, int n_tok,
+            float *__restrict__ y) {
+    constexpr int EPC = cq_traits<QT>::EPC, F = EPC / 4, WARPS = THREADS / 32;
+    extern __shared__ float4 xs4[];             /* [n_tok][nchunks][F] swizzled */
+    const int64_t nf4 = nchunks * F;
+    float *xsum = (float *)(xs4 + n_tok * nf4); /* [n_tok][nchunks], affine types only */
+    const int lane = threadIdx.x & 31, lpr = 1 << lpr_log2, li = lane & (lpr - 1);
+    const int64_t tiles_per_warp = 32 >> lpr_log2, n_warps = (int64_t)gridDim.x * WARPS;
+    int64_t wt = (int64_t)blockIdx.x * WARPS + (threadIdx.x >> 5), r0 = 0, rr[R];
+    uint4 wv[U][R];
+    float A[U][R], B[U][R];
+    bool live = wt * tiles_per_warp < n_tiles; /* the same for the whole warp */
+    if (live) {
+        r0 = (wt * tiles_per_warp + (lane >> lpr_log2)) * R;
+#pragma unroll
+        for (int i = 0; i < R; i++) rr[i] = r0 + i < m.rows ? r0 + i : m.rows - 1; /* clamped for loads */
+        gemv_load<QT, R, U>(m, rr, li, lpr, nchunks, wv, A, B);
+    }
+    for (int t = 0; t < n_tok; t++) {
+        const float4 *xt = (const float4 *)(x + t * m.cols);
+        for (int64_t i = threadIdx.x; i < nf4; i += THREADS) {
+            const int64_t c = i / F;
+            xs4[t * nf4 + c * F + gemv_swz<F>(c, (int)(i % F))] = __ldg(xt + i);
+        }
+    }
+    __syncthreads();
+    if (cq_traits<QT>::AFFINE) {
+        for (int64_t i = threadIdx.x; i < n_tok * nchunks; i += THREADS) {
+            const float4 *xc = xs4 + i * F; /* chunk i % nchunks of token i / nchunks */
+            float s = 0.0f;
+#pragma unroll
+            for (int j = 0; j < F; j++) {
+                const float4 v = xc[j];
+                s += (v.x + v.y) + (v.z + v.w);
+            }
+            xsum[i] = s;
+        }
+        __syncthreads();
+    }
+    while (live) {
+        float acc[R][NT];
+#pragma unroll
+        for (int i = 0; i < R; i++)
+#pragma unroll
+            for (int t = 0; t < NT; t++) acc[i][t] = 0.0f;
+        for (int64_t ch0 = li; ch0 < nchunks;) {
+            gemv_math<QT, NT, R, U>(xs4, xsum, nchunks, n_tok, ch0, lpr, wv, A, B, acc);
+            ch0 += U * lpr;
+            if (ch0 < nchunks) gemv_load<QT, R, U>(m, rr, ch0, lpr, nchunks, wv, A, B);
+        }
+        /* the LPR lanes of a tile are aligned: xor offsets below LPR stay inside it */
+        for (int o = lpr >> 1; o; o >>= 1)
+#pragma unroll
+            for (int i = 0; i < R; i++)
+#pragma unroll
+                for (int t = 0; t < NT; t++) acc[i][t] += __shfl_xor_sync(0xffffffffu, acc[i][t], o);
+        if (li == 0) {
+#pragma unroll
+            for (int i = 0; i < R; i++)
+#pragma unroll
+                for (int t = 0; t < NT; t++)
+                    if (r0 + i < m.rows && t < n_tok) y[t * m.rows + r0 + i] = acc[i][t];
+        }
+        wt += n_warps;
+        live = wt * tiles_per_warp < n_tiles;
+        if (live) {
+            r0 = (wt * tiles_per_warp + (lane >> lpr_log2)) * R;
+#pragma unroll
+            for (int i = 0; i < R; i++) rr[i] = r0 + i < m.rows ? r0 + i : m.rows - 1;
+            gemv_load<QT, R, U>(m, rr, li, lpr, nchunks, wv, A, B);
+        }
+    }
+}
+
+/* Shared memory for the x of nt tokens of cols floats, and their chunk sums. */
+template <int QT>
+static size_t gemv_smem(int64_t cols, int64_t nt) {
+    const int64_t nchunks = cols / cq_traits<QT>::EPC;
+    return (size_t)nt * (size_t)(cols + (cq_traits<QT>::AFFINE ? nchunks : 0)) * sizeof(float);
+}
+
+/* Launches one configuration: a grid no larger than what the device holds at once (the warps
+ * then stride over the row tiles). */
+template <int QT, int NT, int R, int U, int THREADS>
+static void gemv_launch_cfg(cuda_backend *c, const cq_mat &m, const float *x, int n_tok, float *y) {
+    static int resident = 0;       /* blocks per multiprocessor at resident_smem (per process) */
+    static size_t resident_smem = 0;
+    const size_t smem = gemv_smem<QT>(m.cols, n_tok);
+    if (!resident || smem != resident_smem) {
+        if (!resident)
+            cb_check(c, cudaFuncSetAttribute(gemv_kernel<QT, NT, R, U, THREADS>,
+                                             cudaFuncAttributeMaxDynamicSharedMemorySize, GEMV_SMEM_MAX),
+                     "matmul setup");
+        int nb = 0;
+        if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nb, gemv_kernel<QT, NT, R, U, THREADS>, THREADS, smem) !=
+                cudaSuccess || nb < 1) {
+            cudaGetLastError();
+            nb = 1;
+        }
+        resident = nb;
+        resident_smem = smem;
+    }
+    const int64_t nchunks = m.cols / cq_traits<QT>::EPC;
+    int lpr_log2 = 0;
+    while (lpr_log2 < 5 && ((int64_t)2 << lpr_log2) <= nchunks) lpr_log2++;
+    const int64_t tiles = (m.rows + R - 1) / R, tiles_per_warp = 32 >> lpr_log2;
+    const int64_t warps = (tiles + tiles_per_warp - 1) / tiles_per_warp;
+    int64_t blocks = (warps + THREADS / 32 - 1) / (THREADS / 32);
+    if (blocks > (int64_t)c->n_sm * resident) blocks = (int64_t)c->n_sm * resident;
+    gemv_kernel<QT, NT, R, U, THREADS><<<(unsigned)blocks, THREADS, smem, c->stream>>>(m, nchunks, lpr_log2, tiles, x,
+                                                                                         n_tok, y);
+}
+
+/* Rows per lane R and chunks in flight U, by sandbox timings on an H200 (kernel times in CUDA
+ * graphs, q4/q8/bf16 at expert, projection and lm-head shapes): R = 4 reads x least and wins on
+ * the 248320-row lm head (q4 2.8 TB/s, q8 3.9, bf16 4.4 against a 4.25 TB/s copy); below 64 MB
+ * of weights R = 2 gives twice the warps and wins or ties everywhere. */
+template <int QT, int NT>
+static void gemv_launch(cuda_backend *c, const cq_mat &m, const float *x, int n_tok, float *y) {
+    const uint64_t bytes = (uint64_t)m.rows * (uint64_t)m.cols * (uint64_t)quant_bits((mf_qtype)QT) / 8;
+    if constexpr (NT == 1) {
+        if (bytes >= GEMV_BIG) gemv_launch_cfg<QT, 1, 4, 2, 256>(c, m, x, n_tok, y);
+        else gemv_launch_cfg<QT, 1, 2, 2, 256>(c, m, x, n_tok, y);
+    } else {
+        gemv_launch_cfg<QT, NT, 2, 2, 256>(c, m, x, n_tok, y);
+    }
+}
+
+/* Tokens go in groups whose x fits the shared memory; returns 0 when not even one token does. */
+template <int QT>
+static int gemv_run(cuda_backend *c, const cq_mat &m, const float *x, int64_t n_tok, float *y) {
+    int64_t g = GEMV_SMEM_MAX / (int64_t)gemv_smem<QT>(m.cols, 1);
+    if (g < 1) return 0;
+    if (g > 8) g = 8;
+    for (int64_t t0 = 0; t0 < n_tok; t0 += g) {
+        const int nt = (int)(n_tok - t0 < g ? n_tok - t0 : g);
+        const float *xt = x + t0 * m.cols;
+        float *yt = y + t0 * m.rows;
+        if (nt == 1) gemv_launch<QT, 1>(c, m, xt, nt, yt);
+        else if (nt == 2) gemv_launch<QT, 2>(c, m, xt, nt, yt);
+        else if (nt <= 4) gemv_launch<QT, 4>(c, m, xt, nt, yt);
+        else gemv_launch<QT, 8>(c, m, xt, nt, yt);
+    }
+    return 1;
+}
+
+/* ---- tiled: any n_tok, any alignment ----
+ * A block owns TB_M rows x TB_N tokens. Per step of TB_K columns it dequantizes the weight tile
+ * into shared memory once and reuses it for all TB_N tokens; each thread accumulates a 4 x 4
+ * (rows x tokens) piece. Loader: thread (lr, lk) fills 16 columns of row / token lr. */
+
+#define TB_M 64
+#define TB_N 64
+#define TB_K 64
+
+/* W[r][k0 .. k0 + 16) into out (zeros past the row); q4/q8: k0 is a multiple of 16, so the 16
+ * values share one group. */
+template <int QT>
+__device__ __forceinline__ void tile_row16(const cq_mat &m, int64_t r, int64_t k0, float *out) {
+    if (QT == MF_QTYPE_Q4 || QT == MF_QTYPE_Q8) {
+        constexpr int bits = QT == MF_QTYPE_Q4 ? 4 : 8, per = 32 / bits;
+        const int64_t e = r * m.cols + k0;
+        const uint32_t *wp = (const uint32_t *)m.data + e / per;
+        const int64_t g = e / QUANT_GROUP;
+        const float s = cb_bf16(m.scales[g]), b = cb_bf16(m.biases[g]);
+#pragma unroll
+        for (int wi = 0; wi < 16 / per; wi++) {
+            const uint32_t word = wp[wi];
+#pragma unroll
+            for (int j = 0; j < per; j++) out[wi * per + j] = s * (float)((word >> (j * bits)) & ((1u << bits) - 1u)) + b;
+        }
+    } else {
+#pragma unroll
+        for (int j = 0; j < 16; j++) {
+            const int64_t k = k0 + j;
+            out[j] = k < m.cols ? (QT == MF_QTYPE_F32 ? ((const float *)m.data)[r * m.cols + k]
+                                                      : cb_bf16(((const unsigned short *)m.data)[r * m.cols + k]))
+                                : 0.0f;
+        }
+    }
+}
+
+template <int QT>
+__global__ void __launch_bounds__(256)
+tiled_kernel(cq_mat m, const float *__restrict__ x, int64_t n_tok, int x_vec, float *__restrict__ y) {
+    __shared__ __align__(16) float ws[TB_K][TB_M + 4]; /* [k][row] */
+    __shared__ __align__(16) float xs[TB_K][TB_N + 4]; /* [k][token] */
+    const int tid = threadIdx.x, tr = tid >> 4, tc = tid & 15;
+    const int64_t row0 = (int64_t)blockIdx.x * TB_M, tok0 = (int64_t)blockIdx.y * TB_N;
+    const int lr = tid >> 2, lk = (tid & 3) * 16;
+    const int64_t r = row0 + lr, t = tok0 + lr;
+    float acc[4][4] = {};
+    for (int64_t k0 = 0; k0 < m.cols; k0 += TB_K) {
+        float v[16];
+        if (r < m.rows) tile_row16<QT>(m, r, k0 + lk, v);
+#pragma unroll
+        for (int j = 0; j < 16; j++) ws[lk + j][lr] = r < m.rows ? v[j] : 0.0f;
+        if (t < n_tok && x_vec && k0 + lk + 16 <= m.cols) {
+            const float4 *xp = (const float4 *)(x + t * m.cols + k0 + lk);
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const float4 q = __ldg(xp + j);
+                xs[lk + 4 * j][lr] = q.x, xs[lk + 4 * j + 1][lr] = q.y, xs[lk + 4 * j + 2][lr] = q.z,
+                                   xs[lk + 4 * j + 3][lr] = q.w;
+            }
+        } else {
+#pragma unroll
+            for (int j = 0; j < 16; j++) {
+                const int64_t k = k0 + lk + j;
+                xs[lk + j][lr] = t < n_tok && k < m.cols ? x[t * m.cols + k] : 0.0f;
+            }
+        }
+        __syncthreads();
+#pragma unroll 8
+        for (int k = 0; k < TB_K; k++) {
+            const float4 a = *(const float4 *)&ws[k][tr * 4];
+            const float4 b = *(const float4 *)&xs[k][tc * 4];
+            const float av[4] = {a.x, a.y, a.z, a.w}, bv[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+            for (int i = 0; i < 4; i++)
+#pragma unroll
+                for (int j = 0; j < 4; j++) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        const int64_t tt = tok0 + tc * 4 + j;
+        if (tt >= n_tok) continue;
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const int64_t rr = row0 + tr * 4 + i;
+            if (rr < m.rows) y[tt * m.rows + rr] = acc[i][j];
+        }
+    }
+}
+
+template <int QT>
+static void tiled_launch(cuda_backend *c, const cq_mat &m, const float *x, int64_t n_tok, float *y) {
+    const int x_vec = ((uintptr_t)x & 15) == 0 && m.cols % 4 == 0;
+    dim3 grid((unsigned)((m.rows + TB_M - 1) / TB_M), (unsigned)((n_tok + TB_N - 1) / TB_N));
+    tiled_kernel<QT><<<grid, 256, 0, c->stream>>>(m, x, n_tok, x_vec, y);
+}
+
+__global__ void zero_kernel(float *y, int64_t n) {
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+        y[i] = 0.0f;
+}
+
+template <int QT>
+static void matmul_typed(cuda_backend *c, const cq_mat &m, bool vec, const float *x, int64_t n_tok, float *y) {
+    if (n_tok <= 8 && vec && gemv_run<QT>(c, m, x, n_tok, y)) return;
+    tiled_launch<QT>(c, m, x, n_tok, y);
+}
+
+void cuda_op_matmul(mf_backend *b, const mf_wmat *w, const float *x, int64_t n_tok, float *y) {
+    cuda_backend *c = cb_of(b);
+    if (c->failed || n_tok <= 0 || w->rows <= 0) return;
+    if (w->type >= MF_QTYPE_COUNT || !quant_type_fits(w->type, w->cols) || w->cols < 0) {
+        cb_fail(c, "matmul: %s weights of %lld columns are not supported", mf_qtype_name(w->type),
+                (long long)w->cols);
+        return;
+    }
+    if (n_tok > 65535LL * TB_N || (w->type >= MF_QTYPE_Q8 && ((uintptr_t)w->data & 3))) {
+        cb_fail(c, "matmul: %lld tokens, weights at %p", (long long)n_tok, w->data);
+        return;
+    }
+    if (w->cols == 0) {
+        zero_kernel<<<cb_grid(c, n_tok * w->rows, 256), 256, 0, c->stream>>>(y, n_tok * w->rows);
+        CB_LAUNCHED(c, "matmul");
+        return;
+    }
+    const cq_mat m = cq_mat_of(w);
+    const int bytes = w->type == MF_QTYPE_F32 ? 4 : w->type == MF_QTYPE_BF16 ? 2 : 0;
+    /* the GEMV reads whole 16-byte chunks of rows and float4s of x */
+    const bool vec = ((uintptr_t)w->data & 15) == 0 && ((uintptr_t)x & 15) == 0 &&
+                     (bytes == 0 || (w->cols * bytes) % 16 == 0);
+    switch (w->type) {
+    case MF_QTYPE_Q4: matmul_typed<MF_QTYPE_Q4>(c, m, vec, x, n_tok, y); break;
+    case MF_QTYPE_Q8: matmul_typed<MF_QTYPE_Q8>(c, m, vec, x, n_tok, y); break;
+    case MF_QTYPE_BF16: matmul_typed<MF_QTYPE_BF16>(c, m, vec, x, n_tok, y); break;
+    default: matmul_typed<MF_QTYPE_F32>(c, m, vec, x, n_tok, y); break;
+    }
+    CB_LAUNCHED(c, "matmul");
+}

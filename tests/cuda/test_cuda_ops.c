@@ -1,0 +1,763 @@
+/* test_cuda_ops.c - every op of the CUDA backend against the CPU backend's reference path
+ * (cpu_backend_create(1, 1)) on random inputs, at fixture and real model dims: normalized error
+ * per op, NaN/Inf checks, guard floats after every device output. Needs a GPU (make test-cuda).
+ * Not the speed of the kernels (bench/bench_cuda_matvec.c) and not whole models (test_cuda_model.c). */
+#include <criterion/criterion.h>
+#include <criterion/logging.h>
+
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend/backend.h"
+#include "backend/cuda/cuda_backend.h"
+#include "format/quant.h"
+
+/* ---- random numbers: xorshift64*, a fixed seed per case ---- */
+
+static uint64_t rng_s;
+
+static void rng_seed(uint64_t seed) { rng_s = seed * 0x9e3779b97f4a7c15u + 0x632be59bd9b4e019u; }
+
+static uint64_t rng_next(void) {
+    rng_s ^= rng_s >> 12;
+    rng_s ^= rng_s << 25;
+    rng_s ^= rng_s >> 27;
+    return rng_s * 0x2545f4914f6cdd1du;
+}
+
+static double rng_unif(void) { return (double)(rng_next() >> 11) * 0x1.0p-53; } /* [0, 1) */
+
+static double rng_normal(void) {
+    double u1 = 1.0 - rng_unif(), u2 = rng_unif();
+    return sqrt(-2.0 * log(u1)) * cos(2.0 * M_PI * u2);
+}
+
+static float *hnormal(int64_t n, double mean, double sd) {
+    float *x = malloc(sizeof(float) * (size_t)(n ? n : 1));
+    cr_assert(x, "out of memory");
+    for (int64_t i = 0; i < n; i++) x[i] = (float)(mean + sd * rng_normal());
+    return x;
+}
+
+static float *hcopy(const float *x, int64_t n) {
+    float *p = malloc(sizeof(float) * (size_t)(n ? n : 1));
+    cr_assert(p, "out of memory");
+    memcpy(p, x, sizeof(float) * (size_t)n);
+    return p;
+}
+
+/* ---- the two backends ---- */
+
+static mf_backend *cpu, *gpu;
+
+static void backends_free(void) {
+    if (cpu) cpu->ops->destroy(cpu);
+    if (gpu) gpu->ops->destroy(gpu);
+    cpu = gpu = NULL;
+}
+
+/* Fresh backends, both reserved for these limits. */
+static void backends_new(int64_t max_ctx, int64_t max_tokens, int max_head_dim, int max_experts) {
+    backends_free();
+    mf_err err = {0};
+    cpu = cpu_backend_create(1, 1);
+    gpu = cuda_backend_create(0, &err);
+    cr_assert(cpu, "cannot create the CPU backend");
+    cr_assert(gpu, "cannot create the CUDA backend: %s", err.msg);
+    mf_backend_limits lim = {max_ctx, max_tokens, max_head_dim, max_experts};
+    cr_assert(cpu->ops->reserve(cpu, &lim) == MF_OK, "CPU reserve failed");
+    cr_assert(gpu->ops->reserve(gpu, &lim) == MF_OK, "CUDA reserve failed");
+}
+
+static void setup(void) { backends_new(64, 64, 128, 512); }
+static void teardown(void) { backends_free(); }
+
+TestSuite(cuda, .init = setup, .fini = teardown, .timeout = 300);
+
+static void no_cuda_error(void) {
+    const char *e = cuda_backend_last_error(gpu);
+    cr_assert(!e, "CUDA backend error: %s", e);
+}
+
+/* ---- device buffers: n floats then GUARD guard floats (a NaN with its own payload) ---- */
+
+#define GUARD 64
+#define GUARD_BITS 0x7fc0beefu
+#define POISON_BITS 0x7fc0dead
+
+/* n floats in device memory followed by the guard: init[0..n) or, when init is NULL, NaNs. */
+static float *dev_floats(const float *init, int64_t n) {
+    float *h = malloc(sizeof(float) * (size_t)(n + GUARD));
+    cr_assert(h, "out of memory");
+    uint32_t poison = POISON_BITS, guard = GUARD_BITS;
+    for (int64_t i = 0; i < n; i++) {
+        if (init) h[i] = init[i];
+        else memcpy(&h[i], &poison, 4);
+    }
+    for (int i = 0; i < GUARD; i++) memcpy(&h[n + i], &guard, 4);
+    float *d = gpu->ops->alloc(gpu, sizeof(float) * (size_t)(n + GUARD));
+    cr_assert(d, "device allocation of %lld floats failed", (long long)(n + GUARD));
+    gpu->ops->upload(gpu, d, h, sizeof(float) * (size_t)(n + GUARD));
+    free(h);
+    return d;
+}
+
+static void *dev_bytes(const void *init, size_t bytes) {
+    void *d = gpu->ops->alloc(gpu, bytes);
+    cr_assert(d, "device allocation of %zu bytes failed", bytes);
+    gpu->ops->upload(gpu, d, init, bytes);
+    return d;
+}
+
+/* Downloads n floats of d into a new host array; the guard after them must be intact and every
+ * value finite. */
+static float *dev_fetch(const float *d, int64_t n, const char *what) {
+    float *h = malloc(sizeof(float) * (size_t)(n + GUARD));
+    cr_assert(h, "out of memory");
+    gpu->ops->download(gpu, h, d, sizeof(float) * (size_t)(n + GUARD));
+    no_cuda_error();
+    for (int i = 0; i < GUARD; i++) {
+        uint32_t g;
+        memcpy(&g, &h[n + i], 4);
+        cr_assert(g == GUARD_BITS, "%s: guard float %d after the output was overwritten", what, i);
+    }
+    for (int64_t i = 0; i < n; i++)
+        cr_assert(isfinite(h[i]), "%s: element %lld is %g (not written or not finite)", what, (long long)i,
+                  (double)h[i]);
+    return h;
+}
+
+static void dev_free(void *d) { gpu->ops->free(gpu, d); }
+
+/* norm(got - ref) / norm(ref), asserted <= bound. */
+static double check_close(const float *got, const float *ref, int64_t n, double bound, const char *what) {
+    double d = 0, r = 0;
+    for (int64_t i = 0; i < n; i++) {
+        cr_assert(isfinite(ref[i]), "%s: the CPU reference has %g at %lld", what, (double)ref[i], (long long)i);
+        double e = (double)got[i] - ref[i];
+        d += e * e;
+        r += (double)ref[i] * ref[i];
+    }
+    double rel = r > 0 ? sqrt(d / r) : sqrt(d);
+    cr_assert(rel <= bound, "%s: relative error %.3g above %.1g", what, rel, bound);
+    return rel;
+}
+
+#define TOL_EW 1e-5 /* f32 elementwise and normalizations */
+#define TOL_MM 1e-4 /* matmul, attention, deltanet */
+
+/* ---- memory ---- */
+
+Test(cuda, memory) {
+    /* alloc is zeroed */
+    enum { N = 3000 };
+    float *d = gpu->ops->alloc(gpu, sizeof(float) * N);
+    cr_assert(d);
+    float *h = malloc(sizeof(float) * N);
+    gpu->ops->download(gpu, h, d, sizeof(float) * N);
+    for (int i = 0; i < N; i++) cr_assert(h[i] == 0.0f, "alloc not zeroed at %d", i);
+    /* upload copies: the source may change right after the call */
+    float *dd[40];
+    for (int k = 0; k < 40; k++) {
+        for (int i = 0; i < N; i++) h[i] = (float)(k * N + i);
+        dd[k] = gpu->ops->alloc(gpu, sizeof(float) * N);
+        gpu->ops->upload(gpu, dd[k], h, sizeof(float) * N);
+    }
+    for (int k = 0; k < 40; k++) {
+        gpu->ops->download(gpu, h, dd[k], sizeof(float) * N);
+        for (int i = 0; i < N; i++) cr_assert(h[i] == (float)(k * N + i), "upload %d element %d is %g", k, i, h[i]);
+        dev_free(dd[k]);
+    }
+    /* a large upload crosses several staging buffers; copy within the device */
+    int64_t big = (int64_t)11 << 20;
+    float *hb = malloc(sizeof(float) * (size_t)big), *hc = malloc(sizeof(float) * (size_t)big);
+    for (int64_t i = 0; i < big; i++) hb[i] = (float)(i % 100003) - 5.0f;
+    float *db = gpu->ops->alloc(gpu, sizeof(float) * (size_t)big), *dc = gpu->ops->alloc(gpu, sizeof(float) * (size_t)big);
+    cr_assert(db && dc);
+    gpu->ops->upload(gpu, db, hb, sizeof(float) * (size_t)big);
+    memset(hb, 0, sizeof(float) * (size_t)big);
+    gpu->ops->copy(gpu, dc, db, sizeof(float) * (size_t)big);
+    gpu->ops->download(gpu, hc, dc, sizeof(float) * (size_t)big);
+    for (int64_t i = 0; i < big; i++) cr_assert(hc[i] == (float)(i % 100003) - 5.0f, "big copy at %lld", (long long)i);
+    gpu->ops->sync(gpu);
+    cr_assert(gpu->ops->mem_free(gpu) > 0, "mem_free reports nothing");
+    cr_assert(!gpu->ops->host_memory);
+    no_cuda_error();
+    dev_free(db);
+    dev_free(dc);
+    dev_free(d);
+    free(hb);
+    free(hc);
+    free(h);
+}
+
+/* ---- matmul ---- */
+
+static const char *qname(mf_qtype t) { return mf_qtype_name(t); }
+
+/* A random [rows, cols] matrix stored as t (bytes as quant_tensor_bytes lays them out): q4/q8
+ * get random words with scales and biases that center the weights; bf16/f32 normal values. */
+static void *make_weights(mf_qtype t, int64_t rows, int64_t cols) {
+    uint64_t bytes = quant_tensor_bytes(t, rows, cols);
+    unsigned char *p = malloc(bytes ? bytes : 1);
+    cr_assert(p, "out of memory for %llu weight bytes", (unsigned long long)bytes);
+    double sd = 1.0 / sqrt((double)cols);
+    int64_t n = rows * cols;
+    if (t == MF_QTYPE_F32) {
+        float *f = (float *)p;
+        for (int64_t i = 0; i < n; i++) f[i] = (float)(sd * rng_normal());
+    } else if (t == MF_QTYPE_BF16) {
+        uint16_t *b = (uint16_t *)p;
+        for (int64_t i = 0; i < n; i++) b[i] = f32_to_bf16((float)(sd * rng_normal()));
+    } else {
+        int bits = quant_bits(t);
+        uint64_t wbytes = (uint64_t)n * (uint64_t)bits / 8;
+        for (uint64_t i = 0; i < wbytes; i += 8) {
+            uint64_t r = rng_next();
+            memcpy(p + i, &r, wbytes - i < 8 ? wbytes - i : 8);
+        }
+        uint16_t *sc = (uint16_t *)(p + wbytes), *bi = sc + n / QUANT_GROUP;
+        double levels = (double)((1 << bits) - 1);
+        for (int64_t g = 0; g < n / QUANT_GROUP; g++) {
+            float s = (float)(2.0 * sd / levels * (0.5 + rng_unif()));
+            sc[g] = f32_to_bf16(s);
+            bi[g] = f32_to_bf16((float)(-s * levels / 2 * (1.0 + 0.2 * rng_normal())));
+        }
+    }
+    return p;
+}
+
+/* One matmul case: returns the relative error. misalign: byte offset of the device weights
+ * (forces the tiled kernel when not a multiple of 16). */
+static double matmul_case(mf_qtype t, int64_t rows, int64_t cols, int64_t n_tok, int misalign) {
+    void *hw = make_weights(t, rows, cols);
+    uint64_t wbytes = quant_tensor_bytes(t, rows, cols);
+    float *x = hnormal(n_tok * cols, 0.0, 1.0);
+    float *ref = malloc(sizeof(float) * (size_t)(n_tok * rows));
+    mf_wmat w = {t, rows, cols, hw};
+    cpu->ops->matmul(cpu, &w, x, n_tok, ref);
+    unsigned char *dw = gpu->ops->alloc(gpu, wbytes + 64);
+    cr_assert(dw);
+    gpu->ops->upload(gpu, dw + misalign, hw, wbytes);
+    float *dx = dev_floats(x, n_tok * cols), *dy = dev_floats(NULL, n_tok * rows);
+    mf_wmat dwm = {t, rows, cols, dw + misalign};
+    gpu->ops->matmul(gpu, &dwm, dx, n_tok, dy);
+    char what[128];
+    snprintf(what, sizeof what, "matmul %s [%lld x %lld] n_tok %lld%s", qname(t), (long long)rows, (long long)cols,
+             (long long)n_tok, misalign ? " misaligned" : "");
+    float *y = dev_fetch(dy, n_tok * rows, what);
+    double e = check_close(y, ref, n_tok * rows, TOL_MM, what);
+    dev_free(dw);
+    dev_free(dx);
+    dev_free(dy);
+    free(hw);
+    free(x);
+    free(ref);
+    free(y);
+    return e;
+}
+
+static const mf_qtype all_types[] = {MF_QTYPE_Q4, MF_QTYPE_Q8, MF_QTYPE_BF16, MF_QTYPE_F32};
+
+Test(cuda, matmul_fixture_dims) {
+    /* fixture shapes (hidden 64, 8 experts, expert inter 64, vocab 512) and odd row counts,
+     * every GEMV token count and the tiled kernel (9+) */
+    static const struct { int64_t rows, cols; } shapes[] = {{64, 64}, {8, 64}, {512, 64}, {1, 64}, {37, 128}, {192, 64}};
+    static const int64_t toks[] = {1, 2, 3, 4, 5, 8, 9, 12, 64, 70};
+    double worst = 0;
+    for (size_t ti = 0; ti < 4; ti++)
+        for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++)
+            for (size_t k = 0; k < sizeof toks / sizeof toks[0]; k++) {
+                rng_seed(1000 + ti * 100 + si * 10 + k);
+                double e = matmul_case(all_types[ti], shapes[si].rows, shapes[si].cols, toks[k], 0);
+                if (e > worst) worst = e;
+            }
+    cr_log_info("matmul fixture dims: worst relative error %.3g", worst);
+}
+
+Test(cuda, matmul_unaligned) {
+    /* bf16/f32 rows that are not whole 16-byte chunks, and misaligned weights: tiled kernel */
+    double worst = 0;
+    rng_seed(2000);
+    worst = fmax(worst, matmul_case(MF_QTYPE_BF16, 33, 100, 1, 0));
+    worst = fmax(worst, matmul_case(MF_QTYPE_F32, 17, 7, 3, 0));
+    worst = fmax(worst, matmul_case(MF_QTYPE_BF16, 40, 72, 2, 4));
+    worst = fmax(worst, matmul_case(MF_QTYPE_Q4, 40, 128, 1, 4));
+    worst = fmax(worst, matmul_case(MF_QTYPE_Q8, 40, 128, 5, 8));
+    cr_log_info("matmul unaligned: worst relative error %.3g", worst);
+}
+
+Test(cuda, matmul_real_dims) {
+    /* expert gate/up and down of Qwen3.6-35B-A3B and Qwen3.5-397B, a [4096 x 4096] projection,
+     * the linear attention's b/a rows (32 x 2048) and the router (256 x 2048) */
+    static const struct { int64_t rows, cols; } shapes[] = {
+        {512, 2048}, {2048, 512}, {1024, 4096}, {4096, 1024}, {4096, 4096}, {32, 2048}, {256, 2048}};
+    static const int64_t toks[] = {1, 3, 8, 33};
+    double worst = 0;
+    for (size_t ti = 0; ti < 4; ti++)
+        for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++)
+            for (size_t k = 0; k < sizeof toks / sizeof toks[0]; k++) {
+                /* the CPU reference is slow: the big ones at fewer token counts */
+                if (shapes[si].rows * shapes[si].cols > 4 << 20 && toks[k] > 1 && toks[k] != 8) continue;
+                rng_seed(3000 + ti * 100 + si * 10 + k);
+                double e = matmul_case(all_types[ti], shapes[si].rows, shapes[si].cols, toks[k], 0);
+                if (e > worst) worst = e;
+            }
+    cr_log_info("matmul real dims: worst relative error %.3g", worst);
+}
+
+Test(cuda, matmul_lm_head_q8) {
+    /* the 248320-row lm_head of Qwen3.5/3.6 as q8, one token */
+    rng_seed(4000);
+    double e = matmul_case(MF_QTYPE_Q8, 248320, 2048, 1, 0);
+    cr_log_info("matmul q8 lm_head [248320 x 2048]: relative error %.3g", e);
+}
+
+/* ---- embed ---- */
+
+Test(cuda, embed) {
+    static const struct { int64_t rows, cols; } shapes[] = {{512, 64}, {4096, 2048}};
+    for (size_t ti = 0; ti < 4; ti++)
+        for (size_t si = 0; si < 2; si++) {
+            rng_seed(5000 + ti * 10 + si);
+            mf_qtype t = all_types[ti];
+            int64_t rows = shapes[si].rows, cols = shapes[si].cols, nt = 13;
+            void *hw = make_weights(t, rows, cols);
+            int32_t ids[13];
+            for (int i = 0; i < nt; i++) ids[i] = (int32_t)(rng_next() % (uint64_t)rows);
+            ids[3] = ids[1]; /* a repeat */
+            ids[4] = 0;
+            ids[5] = (int32_t)rows - 1;
+            float *ref = malloc(sizeof(float) * (size_t)(nt * cols));
+            mf_wmat w = {t, rows, cols, hw};
+            cpu->ops->embed(cpu, &w, ids, nt, ref);
+            void *dw = dev_bytes(hw, quant_tensor_bytes(t, rows, cols));
+            int32_t *dids = dev_bytes(ids, sizeof ids);
+            float *dout = dev_floats(NULL, nt * cols);
+            mf_wmat dwm = {t, rows, cols, dw};
+            gpu->ops->embed(gpu, &dwm, dids, nt, dout);
+            char what[96];
+            snprintf(what, sizeof what, "embed %s [%lld x %lld]", qname(t), (long long)rows, (long long)cols);
+            float *out = dev_fetch(dout, nt * cols, what);
+            check_close(out, ref, nt * cols, 1e-6, what);
+            dev_free(dw);
+            dev_free(dids);
+            dev_free(dout);
+            free(hw);
+            free(ref);
+            free(out);
+        }
+}
+
+/* ---- normalizations ---- */
+
+Test(cuda, rmsnorm) {
+    static const struct { int64_t rows, dim; } cases[] = {{1, 64}, {7, 64}, {5, 2048}, {3, 4096}, {1024, 256}, {33, 32}};
+    for (size_t ci = 0; ci < sizeof cases / sizeof cases[0]; ci++)
+        for (int weighted = 0; weighted < 2; weighted++)
+            for (int inplace = 0; inplace < 2; inplace++) {
+                rng_seed(6000 + ci * 4 + (uint64_t)weighted * 2 + (uint64_t)inplace);
+                int64_t rows = cases[ci].rows, dim = cases[ci].dim, n = rows * dim;
+                float *x = hnormal(n, 0.3, 2.0), *w = hnormal(dim, 1.0, 0.5), *ref = malloc(sizeof(float) * (size_t)n);
+                cpu->ops->rmsnorm(cpu, x, weighted ? w : NULL, rows, dim, 1e-6f, ref);
+                float *dx = dev_floats(x, n), *dw = dev_floats(w, dim), *dy = inplace ? dx : dev_floats(NULL, n);
+                gpu->ops->rmsnorm(gpu, dx, weighted ? dw : NULL, rows, dim, 1e-6f, dy);
+                char what[96];
+                snprintf(what, sizeof what, "rmsnorm %lldx%lld w=%d inplace=%d", (long long)rows, (long long)dim,
+                         weighted, inplace);
+                float *y = dev_fetch(dy, n, what);
+                check_close(y, ref, n, TOL_EW, what);
+                if (!inplace) {
+                    float *xs = dev_fetch(dx, n, "rmsnorm input");
+                    cr_assert(!memcmp(xs, x, sizeof(float) * (size_t)n), "rmsnorm changed its input");
+                    free(xs);
+                    dev_free(dy);
+                }
+                dev_free(dx);
+                dev_free(dw);
+                free(x);
+                free(w);
+                free(ref);
+                free(y);
+            }
+}
+
+Test(cuda, l2norm_and_gated_norm) {
+    static const struct { int64_t rows; int dim; } cases[] = {{2, 32}, {24, 32}, {16, 128}, {64 * 32, 128}};
+    for (size_t ci = 0; ci < sizeof cases / sizeof cases[0]; ci++) {
+        rng_seed(7000 + ci);
+        int64_t rows = cases[ci].rows, n = rows * cases[ci].dim;
+        int dim = cases[ci].dim;
+        float *x = hnormal(n, 0.1, 1.5), *z = hnormal(n, 0.0, 2.0), *w = hnormal(dim, 1.0, 0.1);
+        float *r1 = hcopy(x, n), *r2 = hcopy(x, n);
+        cpu->ops->l2norm(cpu, r1, rows, dim, 1e-6f, 1.0f / sqrtf((float)dim));
+        cpu->ops->gated_norm(cpu, r2, w, z, rows, dim, 1e-6f);
+        float *d1 = dev_floats(x, n), *d2 = dev_floats(x, n), *dz = dev_floats(z, n), *dw = dev_floats(w, dim);
+        gpu->ops->l2norm(gpu, d1, rows, dim, 1e-6f, 1.0f / sqrtf((float)dim));
+        gpu->ops->gated_norm(gpu, d2, dw, dz, rows, dim, 1e-6f);
+        char what[96];
+        snprintf(what, sizeof what, "l2norm %lldx%d", (long long)rows, dim);
+        float *g1 = dev_fetch(d1, n, what);
+        check_close(g1, r1, n, TOL_EW, what);
+        snprintf(what, sizeof what, "gated_norm %lldx%d", (long long)rows, dim);
+        float *g2 = dev_fetch(d2, n, what);
+        check_close(g2, r2, n, TOL_EW, what);
+        dev_free(d1);
+        dev_free(d2);
+        dev_free(dz);
+        dev_free(dw);
+        free(x);
+        free(z);
+        free(w);
+        free(r1);
+        free(r2);
+        free(g1);
+        free(g2);
+    }
+}
+
+/* ---- rope ---- */
+
+Test(cuda, rope) {
+    static const struct {
+        int64_t n_tok;
+        int heads, hd, rot;
+        double theta;
+        int32_t pos0;
+    } cases[] = {
+        {12, 4, 32, 8, 1e4, 0},      /* fixture: partial rotary 0.25 */
+        {12, 2, 32, 32, 1e6, 0},     /* fixture qwen3_moe: full rotary */
+        {1, 32, 256, 64, 1e7, 4096}, /* Qwen3.5 decode */
+        {64, 2, 256, 64, 1e7, 100},  /* Qwen3.5 prefill, k heads */
+        {5, 64, 128, 128, 1e6, 65530},
+    };
+    for (size_t ci = 0; ci < sizeof cases / sizeof cases[0]; ci++) {
+        rng_seed(8000 + ci);
+        int64_t nt = cases[ci].n_tok, n = nt * cases[ci].heads * cases[ci].hd;
+        int32_t pos[64];
+        for (int64_t t = 0; t < nt; t++) pos[t] = cases[ci].pos0 + (int32_t)t;
+        float *x = hnormal(n, 0.0, 1.0), *ref = hcopy(x, n);
+        cpu->ops->rope(cpu, ref, nt, cases[ci].heads, cases[ci].hd, cases[ci].rot, pos, cases[ci].theta);
+        float *dx = dev_floats(x, n);
+        int32_t *dpos = dev_bytes(pos, sizeof(int32_t) * (size_t)nt);
+        gpu->ops->rope(gpu, dx, nt, cases[ci].heads, cases[ci].hd, cases[ci].rot, dpos, cases[ci].theta);
+        char what[96];
+        snprintf(what, sizeof what, "rope case %zu (hd %d rot %d)", ci, cases[ci].hd, cases[ci].rot);
+        float *y = dev_fetch(dx, n, what);
+        check_close(y, ref, n, TOL_EW, what);
+        dev_free(dx);
+        dev_free(dpos);
+        free(x);
+        free(ref);
+        free(y);
+    }
+}
+
+/* ---- attention ---- */
+
+static double attention_case(int nh, int nkv, int hd, int64_t pos0, int64_t nt, int reserved) {
+    enum { EXTRA = 3 }; /* cache rows after the last position: NaN, never to be read */
+    int64_t n_valid = pos0 + nt, n_ctx = n_valid + EXTRA;
+    int64_t nq = nt * nh * hd, ncache = n_ctx * nkv * hd, nvalid = n_valid * nkv * hd;
+    backends_new(reserved ? n_ctx : 1, nt, 1, 1);
+    if (!reserved) { /* the CPU needs its scratch; the GPU runs without any */
+        mf_backend_limits lim = {n_ctx, nt, 1, 1};
+        cr_assert(cpu->ops->reserve(cpu, &lim) == MF_OK);
+    }
+    float *q = hnormal(nq, 0.0, 1.0), *kc = hnormal(ncache, 0.0, 1.0), *vc = hnormal(ncache, 0.0, 1.0);
+    for (int64_t i = nvalid; i < ncache; i++) kc[i] = vc[i] = NAN;
+    float *ref = malloc(sizeof(float) * (size_t)nq);
+    float scale = 1.0f / sqrtf((float)hd);
+    cpu->ops->attention(cpu, q, kc, vc, pos0, nt, nh, nkv, hd, scale, ref);
+    float *dq = dev_floats(q, nq), *dk = dev_floats(kc, ncache), *dv = dev_floats(vc, ncache);
+    float *dout = dev_floats(NULL, nq);
+    gpu->ops->attention(gpu, dq, dk, dv, pos0, nt, nh, nkv, hd, scale, dout);
+    char what[128];
+    snprintf(what, sizeof what, "attention heads %d/%d hd %d pos0 %lld n_tok %lld%s", nh, nkv, hd, (long long)pos0,
+             (long long)nt, reserved ? "" : " (no scratch)");
+    float *out = dev_fetch(dout, nq, what);
+    double e = check_close(out, ref, nq, TOL_MM, what);
+    dev_free(dq);
+    dev_free(dk);
+    dev_free(dv);
+    dev_free(dout);
+    free(q);
+    free(kc);
+    free(vc);
+    free(ref);
+    free(out);
+    return e;
+}
+
+Test(cuda, attention) {
+    static const struct { int nh, nkv, hd; int64_t pos0, nt; int reserved; } cases[] = {
+        {4, 2, 32, 0, 12, 1},       /* fixture prefill */
+        {4, 2, 32, 11, 1, 1},       /* fixture decode */
+        {32, 2, 256, 0, 1, 1},      /* real dims, context 1 */
+        {32, 2, 256, 36, 1, 1},     /* context 37 */
+        {32, 2, 256, 4096, 1, 1},   /* context 4097, split */
+        {32, 2, 256, 4096, 1, 0},   /* context 4097 without scratch: one split */
+        {16, 2, 256, 0, 37, 1},     /* prefill of 37 */
+        {16, 2, 256, 4092, 5, 1},   /* a chunk at the end of a 4097 context */
+        {32, 4, 128, 4096, 1, 1},   /* Qwen3-MoE dims */
+        {64, 4, 128, 1000, 3, 1},
+    };
+    double worst = 0;
+    for (size_t ci = 0; ci < sizeof cases / sizeof cases[0]; ci++) {
+        rng_seed(9000 + ci);
+        double e = attention_case(cases[ci].nh, cases[ci].nkv, cases[ci].hd, cases[ci].pos0, cases[ci].nt,
+                                  cases[ci].reserved);
+        if (e > worst) worst = e;
+    }
+    cr_log_info("attention: worst relative error %.3g", worst);
+}
+
+/* ---- conv1d_silu ---- */
+
+Test(cuda, conv1d_silu) {
+    static const struct { int64_t C, nt; int K; } cases[] = {{256, 12, 4}, {256, 1, 4}, {8192, 1, 4}, {8192, 64, 4},
+                                                          {100, 5, 2}, {64, 3, 1}};
+    for (size_t ci = 0; ci < sizeof cases / sizeof cases[0]; ci++) {
+        rng_seed(10000 + ci);
+        int64_t C = cases[ci].C, nt = cases[ci].nt, n = nt * C;
+        int K = cases[ci].K;
+        int64_t ns = (int64_t)(K - 1) * C;
+        float *x = hnormal(n, 0.0, 1.0), *w = hnormal(C * K, 0.0, 0.5), *st = hnormal(ns, 0.0, 1.0);
+        float *sref = hcopy(st, ns), *ref = malloc(sizeof(float) * (size_t)n);
+        cpu->ops->conv1d_silu(cpu, x, sref, w, nt, C, K, ref);
+        float *dx = dev_floats(x, n), *dw = dev_floats(w, C * K), *ds = dev_floats(st, ns), *dout = dev_floats(NULL, n);
+        /* two calls of half the tokens each must equal one call (the state carries) */
+        int64_t h = nt / 2;
+        if (h > 0) gpu->ops->conv1d_silu(gpu, dx, ds, dw, h, C, K, dout);
+        gpu->ops->conv1d_silu(gpu, dx + h * C, ds, dw, nt - h, C, K, dout + h * C);
+        char what[96];
+        snprintf(what, sizeof what, "conv1d_silu C %lld n_tok %lld K %d", (long long)C, (long long)nt, K);
+        float *out = dev_fetch(dout, n, what);
+        check_close(out, ref, n, TOL_EW, what);
+        if (ns) {
+            float *s = dev_fetch(ds, ns, "conv1d_silu state");
+            check_close(s, sref, ns, 0.0, "conv1d_silu state");
+            free(s);
+        }
+        dev_free(dx);
+        dev_free(dw);
+        dev_free(ds);
+        dev_free(dout);
+        free(x);
+        free(w);
+        free(st);
+        free(sref);
+        free(ref);
+        free(out);
+    }
+}
+
+/* ---- deltanet ---- */
+
+static void l2rows(float *x, int64_t rows, int dim, float scale) {
+    for (int64_t r = 0; r < rows; r++) {
+        double ss = 0;
+        for (int i = 0; i < dim; i++) ss += (double)x[r * dim + i] * x[r * dim + i];
+        for (int i = 0; i < dim; i++) x[r * dim + i] = (float)(x[r * dim + i] / sqrt(ss + 1e-6) * scale);
+    }
+}
+
+Test(cuda, deltanet) {
+    static const struct { int Hk, Hv, dk, dv; int64_t nt; } cases[] = {
+        {2, 4, 32, 32, 12}, {2, 4, 32, 32, 1}, {16, 32, 128, 128, 1}, {16, 32, 128, 128, 64},
+        {16, 64, 128, 128, 3}, {1, 2, 64, 96, 5}};
+    backends_new(64, 64, 128, 8);
+    double worst = 0;
+    for (size_t ci = 0; ci < sizeof cases / sizeof cases[0]; ci++) {
+        rng_seed(11000 + ci);
+        int Hk = cases[ci].Hk, Hv = cases[ci].Hv, dk = cases[ci].dk, dv = cases[ci].dv;
+        int64_t nt = cases[ci].nt, nqk = nt * Hk * dk, nv = nt * Hv * dv, ng = nt * Hv, nS = (int64_t)Hv * dk * dv;
+        float *q = hnormal(nqk, 0.0, 1.0), *k = hnormal(nqk, 0.0, 1.0), *v = hnormal(nv, 0.0, 1.0);
+        l2rows(q, nt * Hk, dk, 1.0f / sqrtf((float)dk));
+        l2rows(k, nt * Hk, dk, 1.0f);
+        float *g = malloc(sizeof(float) * (size_t)ng), *beta = malloc(sizeof(float) * (size_t)ng);
+        for (int64_t i = 0; i < ng; i++) {
+            g[i] = (float)(-0.5 * rng_unif() - 0.01);
+            beta[i] = (float)rng_unif();
+        }
+        float *S = hnormal(nS, 0.0, 0.3), *Sref = hcopy(S, nS), *ref = malloc(sizeof(float) * (size_t)nv);
+        cpu->ops->deltanet(cpu, q, k, v, g, beta, Sref, nt, Hk, Hv, dk, dv, ref);
+        float *dq = dev_floats(q, nqk), *dk_ = dev_floats(k, nqk), *dv_ = dev_floats(v, nv), *dg = dev_floats(g, ng);
+        float *db = dev_floats(beta, ng), *dS = dev_floats(S, nS), *dout = dev_floats(NULL, nv);
+        gpu->ops->deltanet(gpu, dq, dk_, dv_, dg, db, dS, nt, Hk, Hv, dk, dv, dout);
+        char what[96];
+        snprintf(what, sizeof what, "deltanet Hk %d Hv %d dk %d dv %d n_tok %lld", Hk, Hv, dk, dv, (long long)nt);
+        float *out = dev_fetch(dout, nv, what);
+        worst = fmax(worst, check_close(out, ref, nv, TOL_MM, what));
+        float *Sg = dev_fetch(dS, nS, "deltanet state");
+        worst = fmax(worst, check_close(Sg, Sref, nS, TOL_MM, "deltanet state"));
+        void *frees[] = {dq, dk_, dv_, dg, db, dS, dout};
+        for (int i = 0; i < 7; i++) dev_free(frees[i]);
+        void *hf[] = {q, k, v, g, beta, S, Sref, ref, out, Sg};
+        for (int i = 0; i < 10; i++) free(hf[i]);
+    }
+    cr_log_info("deltanet: worst relative error %.3g", worst);
+}
+
+/* ---- router ---- */
+
+Test(cuda, router_topk) {
+    static const struct { int E, K, norm; int64_t nt; int ties; } cases[] = {
+        {8, 2, 1, 12, 0}, {8, 2, 0, 1, 0}, {256, 8, 1, 64, 0}, {512, 10, 1, 1, 0}, {512, 10, 0, 33, 0},
+        {128, 8, 1, 20, 1}, {512, 10, 1, 7, 1}};
+    backends_new(64, 64, 1, 512);
+    for (size_t ci = 0; ci < sizeof cases / sizeof cases[0]; ci++) {
+        rng_seed(12000 + ci);
+        int E = cases[ci].E, K = cases[ci].K;
+        int64_t nt = cases[ci].nt, n = nt * E;
+        float *lg = hnormal(n, 0.0, 2.0);
+        if (cases[ci].ties) /* few distinct values: ties go to the lower id */
+            for (int64_t i = 0; i < n; i++) lg[i] = (float)(rng_next() % 5);
+        int32_t *rid = malloc(sizeof(int32_t) * (size_t)(nt * K)), *gid = malloc(sizeof(int32_t) * (size_t)(nt * K));
+        float *rw = malloc(sizeof(float) * (size_t)(nt * K));
+        cpu->ops->router_topk(cpu, lg, nt, E, K, cases[ci].norm, rid, rw);
+        float *dlg = dev_floats(lg, n), *dw = dev_floats(NULL, nt * K);
+        int32_t *dids = (int32_t *)dev_floats(NULL, nt * K);
+        gpu->ops->router_topk(gpu, dlg, nt, E, K, cases[ci].norm, dids, dw);
+        char what[96];
+        snprintf(what, sizeof what, "router E %d K %d norm %d n_tok %lld ties %d", E, K, cases[ci].norm, (long long)nt,
+                 cases[ci].ties);
+        float *w = dev_fetch(dw, nt * K, what);
+        gpu->ops->download(gpu, gid, dids, sizeof(int32_t) * (size_t)(nt * K));
+        for (int64_t i = 0; i < nt * K; i++)
+            cr_assert_eq(gid[i], rid[i], "%s: token %lld choice %lld is %d, CPU %d", what, (long long)(i / K),
+                         (long long)(i % K), gid[i], rid[i]);
+        check_close(w, rw, nt * K, TOL_EW, what);
+        dev_free(dlg);
+        dev_free(dw);
+        dev_free(dids);
+        free(lg);
+        free(rid);
+        free(gid);
+        free(rw);
+        free(w);
+    }
+}
+
+/* ---- elementwise ---- */
+
+Test(cuda, elementwise) {
+    static const int64_t sizes[] = {1, 64, 1000, 4096 * 3, 1 << 20};
+    for (size_t si = 0; si < sizeof sizes / sizeof sizes[0]; si++) {
+        rng_seed(13000 + si);
+        int64_t n = sizes[si];
+        float *a = hnormal(n, 0.0, 3.0), *b = hnormal(n, 0.0, 3.0);
+        char what[64];
+        for (int op = 0; op < 3; op++) {
+            float *ref = hcopy(a, n);
+            float *da = dev_floats(a, n), *db = dev_floats(b, n);
+            if (op == 0) cpu->ops->add(cpu, ref, b, n), gpu->ops->add(gpu, da, db, n);
+            if (op == 1) cpu->ops->mul_sigmoid(cpu, ref, b, n), gpu->ops->mul_sigmoid(gpu, da, db, n);
+            if (op == 2) cpu->ops->swiglu(cpu, ref, b, n), gpu->ops->swiglu(gpu, da, db, n);
+            snprintf(what, sizeof what, "%s n %lld", op == 0 ? "add" : op == 1 ? "mul_sigmoid" : "swiglu", (long long)n);
+            float *got = dev_fetch(da, n, what);
+            check_close(got, ref, n, TOL_EW, what);
+            dev_free(da);
+            dev_free(db);
+            free(ref);
+            free(got);
+        }
+        free(a);
+        free(b);
+    }
+    /* dn_gates [n_tok][Hv] (softplus past its threshold too), add_gated [n_tok][cols] */
+    static const struct { int64_t nt; int Hv; } gc[] = {{12, 4}, {1, 32}, {64, 64}};
+    for (size_t ci = 0; ci < 3; ci++) {
+        rng_seed(13100 + ci);
+        int64_t nt = gc[ci].nt, n = nt * gc[ci].Hv;
+        int Hv = gc[ci].Hv;
+        float *a = hnormal(n, 0.0, 8.0), *bb = hnormal(n, 0.0, 3.0), *al = hnormal(Hv, 0.5, 1.0), *dt = hnormal(Hv, 0.0, 0.3);
+        a[0] = 25.0f;
+        float *rg = malloc(sizeof(float) * (size_t)n), *rb = malloc(sizeof(float) * (size_t)n);
+        cpu->ops->dn_gates(cpu, a, bb, al, dt, nt, Hv, rg, rb);
+        float *da = dev_floats(a, n), *dbb = dev_floats(bb, n), *dal = dev_floats(al, Hv), *ddt = dev_floats(dt, Hv);
+        float *dg = dev_floats(NULL, n), *dbeta = dev_floats(NULL, n);
+        gpu->ops->dn_gates(gpu, da, dbb, dal, ddt, nt, Hv, dg, dbeta);
+        float *gg = dev_fetch(dg, n, "dn_gates g"), *gb = dev_fetch(dbeta, n, "dn_gates beta");
+        check_close(gg, rg, n, TOL_EW, "dn_gates g");
+        check_close(gb, rb, n, TOL_EW, "dn_gates beta");
+        int64_t cols = 64 * (int64_t)(ci + 1) * 16;
+        float *y = hnormal(nt * cols, 0.0, 1.0), *x = hnormal(nt * cols, 0.0, 1.0), *gate = hnormal(nt, 0.0, 2.0);
+        float *ry = hcopy(y, nt * cols);
+        cpu->ops->add_gated(cpu, ry, x, gate, nt, cols);
+        float *dy = dev_floats(y, nt * cols), *dx = dev_floats(x, nt * cols), *dgate = dev_floats(gate, nt);
+        gpu->ops->add_gated(gpu, dy, dx, dgate, nt, cols);
+        float *gy = dev_fetch(dy, nt * cols, "add_gated");
+        check_close(gy, ry, nt * cols, TOL_EW, "add_gated");
+        void *df[] = {da, dbb, dal, ddt, dg, dbeta, dy, dx, dgate};
+        for (int i = 0; i < 9; i++) dev_free(df[i]);
+        void *hf[] = {a, bb, al, dt, rg, rb, gg, gb, y, x, gate, ry, gy};
+        for (int i = 0; i < 13; i++) free(hf[i]);
+    }
+}
+
+/* ---- row movement ---- */
+
+Test(cuda, rows) {
+    rng_seed(14000);
+    /* copy_rows: the q / gate split of a gated q_proj output [n][heads][2 hd] */
+    int64_t nt = 7, heads = 32, hd = 256, rows = nt * heads, n = rows * 2 * hd;
+    float *src = hnormal(n, 0.0, 1.0), *ref = malloc(sizeof(float) * (size_t)(rows * hd));
+    cpu->ops->copy_rows(cpu, ref, hd, src + hd, 2 * hd, rows, hd);
+    float *ds = dev_floats(src, n), *dd = dev_floats(NULL, rows * hd);
+    gpu->ops->copy_rows(gpu, dd, hd, ds + hd, 2 * hd, rows, hd);
+    float *got = dev_fetch(dd, rows * hd, "copy_rows");
+    check_close(got, ref, rows * hd, 0.0, "copy_rows");
+    free(got);
+    free(ref);
+    dev_free(dd);
+    /* gather_rows and scatter_add with the unique indices of one expert's tokens */
+    int64_t H = 2048, T = 64, cnt = 23;
+    float *h = hnormal(T * H, 0.0, 1.0), *y = hnormal(T * H, 0.0, 1.0), *eo = hnormal(cnt * H, 0.0, 1.0);
+    int32_t idx[23];
+    float tw[23];
+    for (int i = 0; i < cnt; i++) {
+        idx[i] = (int32_t)((i * 37 + 5) % T); /* unique: 37 is coprime with 64 */
+        tw[i] = (float)rng_unif();
+    }
+    float *rg = malloc(sizeof(float) * (size_t)(cnt * H)), *ry = hcopy(y, T * H);
+    cpu->ops->gather_rows(cpu, rg, h, idx, cnt, H);
+    cpu->ops->scatter_add(cpu, ry, eo, idx, tw, cnt, H);
+    float *dh = dev_floats(h, T * H), *dy = dev_floats(y, T * H), *deo = dev_floats(eo, cnt * H);
+    float *dg = dev_floats(NULL, cnt * H), *dtw = dev_floats(tw, cnt);
+    int32_t *didx = dev_bytes(idx, sizeof idx);
+    gpu->ops->gather_rows(gpu, dg, dh, didx, cnt, H);
+    gpu->ops->scatter_add(gpu, dy, deo, didx, dtw, cnt, H);
+    float *gg = dev_fetch(dg, cnt * H, "gather_rows"), *gy = dev_fetch(dy, T * H, "scatter_add");
+    check_close(gg, rg, cnt * H, 0.0, "gather_rows");
+    check_close(gy, ry, T * H, TOL_EW, "scatter_add");
+    void *df[] = {ds, dh, dy, deo, dg, dtw, didx};
+    for (int i = 0; i < 7; i++) dev_free(df[i]);
+    void *hf[] = {src, h, y, eo, rg, ry, gg, gy};
+    for (int i = 0; i < 8; i++) free(hf[i]);
+}
+
+/* ---- errors: sticky, no exit ---- */
+
+Test(cuda, sticky_error) {
+    cr_assert(cuda_backend_available());
+    float *dq = dev_floats(NULL, 1024);
+    cr_assert(!cuda_backend_last_error(gpu));
+    /* a head_dim the kernel does not take: refused with a message, then every op is a no-op */
+    gpu->ops->attention(gpu, dq, dq, dq, 0, 1, 1, 1, 1000, 1.0f, dq);
+    const char *e = cuda_backend_last_error(gpu);
+    cr_assert(e && strstr(e, "attention"), "no sticky error: %s", e ? e : "(none)");
+    float h[4] = {1, 2, 3, 4};
+    gpu->ops->upload(gpu, dq, h, sizeof h);
+    gpu->ops->download(gpu, h, dq, sizeof h);
+    uint32_t u;
+    memcpy(&u, &h[0], 4);
+    cr_assert(u == 0xffffffffu, "a download after an error must fill its destination with 0xff bytes");
+    cr_assert(gpu->ops->alloc(gpu, 64) == NULL, "alloc after an error must fail");
+    cr_assert(cuda_backend_last_error(cpu) == NULL);
+    mf_err err = {0};
+    cr_assert(cuda_backend_create(99, &err) == NULL && err.status == MF_ERR_ARG, "device 99: %s", err.msg);
+}
