@@ -6,16 +6,19 @@
 # JSON (or text) file per figure under OUT. Needs `make` (with nvcc) and `make bench` done first.
 # Not a test: it prints figures and asserts nothing.
 set -u
-OUT=${1:?usage: gpu_benchmarks.sh OUT}
+OUT=${1:?usage: gpu_benchmarks.sh OUT [PARTS]   (PARTS: any of "a b d c397"; default all)}
+PARTS=${2:-a b d c397}
+want() { case " $PARTS " in *" $1 "*) return 0 ;; esac; return 1; }
 MF=build/moeflux
 W=${WORK:-/tmp/mf-bench}
 mkdir -p "$OUT" "$W"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>&1
 
 # (a) q4 / q8 / bf16 matvec at real shapes against the device copy bandwidth
-[ -x build/bench_cuda_matvec ] && build/bench_cuda_matvec --json > "$OUT/a_matvec.json" 2> "$OUT/a_matvec.err"
+want a && [ -x build/bench_cuda_matvec ] && build/bench_cuda_matvec --json > "$OUT/a_matvec.json" 2> "$OUT/a_matvec.err"
 
 # (b), (c) 35B-A3B: all 40 layers, 18 GB of q4 experts
+if want b; then
 $MF synth qwen3.6-35b-a3b "$W/q36.moeflux" --quiet --skew 1 --seed 1
 $MF bench "$W/q36.moeflux" --cuda --gpu-cache-gb 40 --prompt-tokens 512 --gen-tokens 64 --json \
     > "$OUT/b_q36_all_cached.json" 2> "$OUT/b_q36.err"
@@ -24,9 +27,11 @@ QUARTER=$(awk -v e="$EXPERTS" 'BEGIN { printf "%.3f", e / 4 / 1e9 }')
 $MF bench "$W/q36.moeflux" --cuda --gpu-cache-gb "$QUARTER" --prompt-tokens 128 --gen-tokens 64 --json \
     > "$OUT/c_q36_quarter_cached.json" 2> "$OUT/c_q36.err"
 rm -f "$W/q36.moeflux"
+fi
 
 # (d) qwen3-30b-a3b cut to 8 layers (llama.cpp: 1,295 tok/s decode, 44,753 tok/s prefill of 512
 # tokens all on the GPU; 184 tok/s with the experts on the CPU)
+if want d; then
 $MF synth qwen3-30b-a3b "$W/q30.moeflux" --layers 8 --quiet --skew 1 --seed 1
 $MF bench "$W/q30.moeflux" --cuda --gpu-cache-gb 20 --prompt-tokens 512 --gen-tokens 128 --json \
     > "$OUT/d_q30_all_cached.json" 2> "$OUT/d_q30.err"
@@ -35,12 +40,15 @@ QUARTER=$(awk -v e="$EXPERTS" 'BEGIN { printf "%.3f", e / 4 / 1e9 }')
 $MF bench "$W/q30.moeflux" --cuda --gpu-cache-gb "$QUARTER" --prompt-tokens 128 --gen-tokens 128 --json \
     > "$OUT/d_q30_quarter_cached.json" 2>> "$OUT/d_q30.err"
 rm -f "$W/q30.moeflux"
+fi
 
 # (c) 397B-A17B: as many layers as the disk holds (3.6 GB of experts a layer)
+if want c397; then
 FREE=$(df -B1 --output=avail "$W" | tail -1)
 LAYERS=$(awk -v f="$FREE" 'BEGIN { n = int((f - 8e9) / 3.75e9); if (n > 60) n = 60; if (n < 1) n = 1; print n }')
 $MF synth qwen3.5-397b-a17b "$W/q397.moeflux" --layers "$LAYERS" --quiet --skew 1 --seed 1
 $MF bench "$W/q397.moeflux" --cuda --gpu-cache-gb 20 --prompt-tokens 64 --gen-tokens 32 --json \
     > "$OUT/c_q397_${LAYERS}layers.json" 2> "$OUT/c_q397.err"
 rm -f "$W/q397.moeflux"
+fi
 ls -la "$OUT"
