@@ -1,6 +1,8 @@
 /* bench_cuda_matvec.c - speed of the CUDA backend's matmul (src/backend/cuda/cuda_matmul.cu) for
  * q4, q8 and bf16 weights at real expert and projection shapes, in GB/s of weight bytes, against
- * the device-to-device copy bandwidth measured in the same run. Not a correctness test
+ * the device-to-device copy bandwidth measured in the same run; of a layer's routed experts
+ * (moe_experts, cuda_moe.cu) against the per-expert ops they replace; and of expert uploads
+ * from pageable and from host_alloc (page-locked) memory. Not a correctness test
  * (tests/cuda/test_cuda_ops.c). Build: make bench (built when nvcc is found); run on a GPU machine:
  *   build/bench_cuda_matvec [--quick]
  * Each shape cycles through copies of its weights totalling at least 256 MiB, so that the
@@ -37,6 +39,129 @@ static double copy_gbps(mf_backend *be, size_t bytes, int reps) {
     return 2.0 * (double)bytes * reps / dt / 1e9;
 }
 
+/* One layer's routed experts at a real shape: E q4 blobs (>= 256 MiB in all, so that the
+ * experts come from device memory), calls cycling through E / K disjoint routes. Prints us per
+ * call and GB/s of the chosen experts' bytes for the fused op and for the per-expert ops
+ * (gather, gate, up, SwiGLU, down, scatter-add) that the engine ran before it. */
+static int bench_moe(mf_backend *be, const char *what, int E, int K, int64_t H, int64_t I, int64_t nt, int quick) {
+    const mf_qtype t = MF_QTYPE_Q4;
+    const uint64_t part = quant_tensor_bytes(t, I, H), stride = (3 * part + 4095) / 4096 * 4096;
+    mf_expert_layout lay = {{t, t, t}, {0, part, 2 * part}, I, H};
+    mf_backend_limits lim = {1, nt, 1, E, K, I};
+    if (be->ops->reserve(be, &lim) != MF_OK) return 1;
+    unsigned char *host = malloc(stride);
+    void **dblob = calloc((size_t)E, sizeof *dblob);
+    const int NS = E / K; /* routes */
+    int32_t *ids = malloc(sizeof(int32_t) * (size_t)(NS * nt * K));
+    float *w = malloc(sizeof(float) * (size_t)(NS * nt * K));
+    if (!host || !dblob || !ids || !w) return 1;
+    memset(host, 0x3c, stride);
+    for (int e = 0; e < E; e++) {
+        if (!(dblob[e] = be->ops->alloc(be, stride))) return 1;
+        be->ops->upload(be, dblob[e], host, stride);
+    }
+    for (int r = 0; r < NS; r++) /* route r: token i takes experts (r K + j + i) mod E */
+        for (int64_t i = 0; i < nt; i++)
+            for (int j = 0; j < K; j++) {
+                ids[(r * nt + i) * K + j] = (int32_t)((r * K + j + i) % E);
+                w[(r * nt + i) * K + j] = 1.0f / (float)K;
+            }
+    void *dtab = be->ops->alloc(be, sizeof(void *) * (size_t)E);
+    int32_t *dids = be->ops->alloc(be, sizeof(int32_t) * (size_t)(NS * nt * K));
+    float *dw = be->ops->alloc(be, sizeof(float) * (size_t)(NS * nt * K));
+    float *x = be->ops->alloc(be, sizeof(float) * (size_t)(nt * H)), *y = be->ops->alloc(be, sizeof(float) * (size_t)(nt * H));
+    float *g = be->ops->alloc(be, sizeof(float) * (size_t)(nt * I)), *u = be->ops->alloc(be, sizeof(float) * (size_t)(nt * I));
+    float *xo = be->ops->alloc(be, sizeof(float) * (size_t)(nt * H)), *ey = be->ops->alloc(be, sizeof(float) * (size_t)(nt * H));
+    int32_t *tok = be->ops->alloc(be, sizeof(int32_t) * (size_t)nt);
+    if (!dtab || !dids || !dw || !x || !y || !g || !u || !xo || !ey || !tok) return 1;
+    be->ops->upload(be, dtab, dblob, sizeof(void *) * (size_t)E);
+    be->ops->upload(be, dids, ids, sizeof(int32_t) * (size_t)(NS * nt * K));
+    be->ops->upload(be, dw, w, sizeof(float) * (size_t)(NS * nt * K));
+    int32_t *htok = malloc(sizeof(int32_t) * (size_t)nt);
+    for (int64_t i = 0; i < nt; i++) htok[i] = (int32_t)i;
+    be->ops->upload(be, tok, htok, sizeof(int32_t) * (size_t)nt);
+    double per[2] = {0, 0};
+    for (int way = 0; way < (nt == 1 ? 2 : 1); way++) {
+        int calls = 0;
+        double t0 = 0, dt = 0, budget = quick ? 0.05 : 0.3;
+        for (int warm = 1; warm >= 0; warm--) {
+            if (!warm) t0 = now_s();
+            do {
+                for (int r = 0; r < NS; r++) {
+                    const int32_t *rid = dids + r * nt * K;
+                    if (way == 0) {
+                        be->ops->moe_experts(be, x, rid, dw + r * nt * K, nt, K, (const void *const *)dtab, &lay, y);
+                        continue;
+                    }
+                    for (int j = 0; j < K; j++) { /* one token, 6 ops per expert, as forward.c ran them */
+                        const char *b = dblob[ids[r * nt * K + j]];
+                        mf_wmat wg = {t, I, H, b}, wu = {t, I, H, b + part}, wd = {t, H, I, b + 2 * part};
+                        be->ops->gather_rows(be, xo, x, tok, nt, H);
+                        be->ops->matmul(be, &wg, xo, nt, g);
+                        be->ops->matmul(be, &wu, xo, nt, u);
+                        be->ops->swiglu(be, g, u, nt * I);
+                        be->ops->matmul(be, &wd, g, nt, ey);
+                        be->ops->scatter_add(be, y, ey, tok, dw, nt, H);
+                    }
+                }
+                if (!warm) calls += NS;
+                be->ops->sync(be);
+                dt = now_s() - t0;
+            } while (!warm && dt < budget);
+        }
+        per[way] = dt / calls;
+    }
+    const char *e = cuda_backend_last_error(be);
+    if (e) {
+        fprintf(stderr, "CUDA error: %s\n", e);
+        return 1;
+    }
+    /* bytes of the distinct experts a call chooses (token i's route is shifted by i) */
+    double bytes = (double)(K + nt - 1 < E ? K + nt - 1 : E) * 3 * (double)part;
+    printf("%-24s K %2d [%lld x %lld] q4 n_tok %lld %7.2f MB: fused %7.2f us %6.0f GB/s", what, K, (long long)I,
+           (long long)H, (long long)nt, bytes / 1e6, per[0] * 1e6, bytes / per[0] / 1e9);
+    if (nt == 1) printf("; per-expert ops %7.2f us %6.0f GB/s", per[1] * 1e6, bytes / per[1] / 1e9);
+    printf("\n");
+    fflush(stdout);
+    for (int i = 0; i < E; i++) be->ops->free(be, dblob[i]);
+    void *fr[] = {dtab, dids, dw, x, y, g, u, xo, ey, tok};
+    for (int i = 0; i < 10; i++) be->ops->free(be, fr[i]);
+    free(host);
+    free(dblob);
+    free(ids);
+    free(w);
+    free(htok);
+    return 0;
+}
+
+/* Upload of one expert-sized blob from malloc memory and from host_alloc memory, GB/s. */
+static int bench_upload(mf_backend *be, size_t bytes, int quick) {
+    void *d = be->ops->alloc(be, bytes), *pageable = malloc(bytes), *pinned = be->ops->host_alloc(be, bytes);
+    if (!d || !pageable || !pinned) {
+        fprintf(stderr, "upload bench: allocation failed (host_alloc %p)\n", pinned);
+        return 1;
+    }
+    memset(pageable, 1, bytes);
+    memset(pinned, 1, bytes);
+    double gbps[2];
+    for (int k = 0; k < 2; k++) {
+        void *src = k ? pinned : pageable;
+        be->ops->upload(be, d, src, bytes);
+        be->ops->sync(be);
+        int n = quick ? 10 : 50;
+        double t0 = now_s();
+        for (int i = 0; i < n; i++) be->ops->upload(be, d, src, bytes);
+        be->ops->sync(be);
+        gbps[k] = (double)bytes * n / (now_s() - t0) / 1e9;
+    }
+    printf("upload of a %.1f MB blob: %.1f GB/s from pageable memory, %.1f GB/s from host_alloc memory\n\n",
+           bytes / 1e6, gbps[0], gbps[1]);
+    be->ops->free(be, d);
+    be->ops->host_free(be, pinned);
+    free(pageable);
+    return 0;
+}
+
 typedef struct shape {
     const char *what;
     int64_t rows, cols, n_tok;
@@ -62,6 +187,13 @@ int main(int argc, char **argv) {
         printf("smallest op (add of 1 float) back to back: %.2f us per call\n\n", (now_s() - t0) / 2000 * 1e6);
         be->ops->free(be, a);
     }
+    if (bench_upload(be, (size_t)7 << 20, quick)) return 1;
+    /* the chosen experts of one layer, fused (2 launches) against one op chain per expert */
+    if (bench_moe(be, "experts Qwen3.6-35B-A3B", 256, 8, 2048, 512, 1, quick) ||
+        bench_moe(be, "experts Qwen3.6-35B-A3B", 256, 8, 2048, 512, 8, quick) ||
+        bench_moe(be, "experts Qwen3.5-397B", 64, 10, 4096, 1024, 1, quick))
+        return 1;
+    printf("\n");
     static const shape shapes[] = {
         {"expert gate/up 35B", 512, 2048, 1},   {"expert down 35B", 2048, 512, 1},
         {"expert gate/up 397B", 1024, 4096, 1}, {"expert down 397B", 4096, 1024, 1},

@@ -108,7 +108,7 @@ static void backends_new(int64_t max_ctx, int64_t max_tokens, int max_head_dim) 
     be[PATH_FAST] = cpu_backend_create(2, 0);
     be[PATH_REF] = cpu_backend_create(1, 1);
     cr_assert(be[PATH_FAST] && be[PATH_REF], "cannot create the CPU backends");
-    mf_backend_limits lim = {max_ctx, max_tokens, max_head_dim, 0};
+    mf_backend_limits lim = {max_ctx, max_tokens, max_head_dim, 0, 0, 0};
     for (int p = 0; p < N_PATHS; p++)
         cr_assert(be[p]->ops->reserve(be[p], &lim) == MF_OK, "reserve failed");
 }
@@ -602,4 +602,175 @@ Test(ops, matmul_embed) {
     }
     cr_log_info("matmul: worst relative error %.3g; embed: worst element relative error %.3g", worst_mm,
                 worst_em);
+}
+
+/* ---- moe_experts: a layer's routed experts; host_alloc ---- */
+
+static uint64_t align_up(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
+
+/* E expert blobs laid out as docs/format.md says: gate [I][H], up [I][H], down [H][I], each part
+ * at a 64-aligned offset in a blob of a 4096-multiple stride; dec[e][part] holds the parts as
+ * quant_decode reads them. */
+typedef struct moe_blobs {
+    mf_expert_layout lay;
+    unsigned char *mem;
+    const void **table; /* [E] */
+    float *dec[64][3];
+    int E;
+} moe_blobs;
+
+static void moe_blobs_make(moe_blobs *mb, const mf_qtype types[3], int E, int64_t H, int64_t I) {
+    mb->E = E;
+    mb->lay.inter = I, mb->lay.hidden = H;
+    const int64_t rows[3] = {I, I, H}, cols[3] = {H, H, I};
+    uint64_t at = 0;
+    for (int p = 0; p < 3; p++) {
+        mb->lay.type[p] = types[p];
+        mb->lay.offset[p] = at = align_up(at, 64);
+        at += quant_tensor_bytes(types[p], rows[p], cols[p]);
+    }
+    uint64_t stride = align_up(at, 4096);
+    mb->mem = aligned_alloc(4096, stride * (uint64_t)E);
+    mb->table = malloc(sizeof(void *) * (size_t)E);
+    cr_assert(mb->mem && mb->table, "out of memory");
+    memset(mb->mem, 0xa5, stride * (uint64_t)E); /* padding between parts: garbage */
+    for (int e = 0; e < E; e++) {
+        unsigned char *blob = mb->mem + stride * (uint64_t)e;
+        mb->table[e] = blob;
+        for (int p = 0; p < 3; p++) {
+            int64_t n = rows[p] * cols[p];
+            float *wf = buf_alloc(n);
+            fill_normal(wf, n, 0.0, 1.0 / sqrt((double)cols[p]));
+            for (int64_t r = 0; r < rows[p]; r += 5) /* some rows off centre */
+                for (int64_t c = 0; c < cols[p]; c++) wf[r * cols[p] + c] += 0.05f;
+            quant_encode(types[p], wf, rows[p], cols[p], blob + mb->lay.offset[p]);
+            quant_decode(types[p], blob + mb->lay.offset[p], rows[p], cols[p], wf);
+            mb->dec[e][p] = wf;
+        }
+    }
+}
+
+static void moe_blobs_free(moe_blobs *mb) {
+    for (int e = 0; e < mb->E; e++)
+        for (int p = 0; p < 3; p++) free(mb->dec[e][p]);
+    free(mb->mem);
+    free(mb->table);
+}
+
+/* y[t] = sum_j w[t][j] down_e(silu(gate_e x) * up_e x), e = ids[t][j], in double from the
+ * decoded parts. */
+static void moe_ref(const moe_blobs *mb, const float *x, const int32_t *ids, const float *w, int64_t nt, int K,
+                    double *y) {
+    const int64_t H = mb->lay.hidden, I = mb->lay.inter;
+    double *a = dalloc(I);
+    for (int64_t t = 0; t < nt; t++)
+        for (int j = 0; j < K; j++) {
+            int e = ids[t * K + j];
+            const float *G = mb->dec[e][0], *U = mb->dec[e][1], *D = mb->dec[e][2], *xt = x + t * H;
+            for (int64_t i = 0; i < I; i++) {
+                double g = 0, u = 0;
+                for (int64_t c = 0; c < H; c++) {
+                    g += (double)G[i * H + c] * xt[c];
+                    u += (double)U[i * H + c] * xt[c];
+                }
+                a[i] = g / (1.0 + exp(-g)) * u;
+            }
+            for (int64_t r = 0; r < H; r++) {
+                double o = 0;
+                for (int64_t i = 0; i < I; i++) o += (double)D[r * I + i] * a[i];
+                y[t * H + r] += w[t * K + j] * o;
+            }
+        }
+    free(a);
+}
+
+Test(ops, moe_experts) {
+    static const mf_qtype typesets[][3] = {
+        {MF_QTYPE_Q4, MF_QTYPE_Q4, MF_QTYPE_Q4},
+        {MF_QTYPE_Q8, MF_QTYPE_Q8, MF_QTYPE_Q8},
+        {MF_QTYPE_BF16, MF_QTYPE_BF16, MF_QTYPE_BF16},
+        {MF_QTYPE_Q4, MF_QTYPE_Q4, MF_QTYPE_BF16}, /* down of an inter that cannot be grouped */
+    };
+    static const struct { int E, K; } routes[] = {{8, 2}, {64, 8}};
+    static const int64_t ntoks[] = {1, 3, 17};
+    const int64_t H = 128, I = 64;
+    double worst[N_PATHS] = {0}, worst_paths = 0;
+    for (size_t ti = 0; ti < sizeof typesets / sizeof typesets[0]; ti++)
+        for (size_t ri = 0; ri < sizeof routes / sizeof routes[0]; ri++) {
+            int E = routes[ri].E, K = routes[ri].K;
+            rng_seed(700 + ti * 10 + ri);
+            moe_blobs mb;
+            moe_blobs_make(&mb, typesets[ti], E, H, I);
+            mf_backend_limits lim = {1, 17, 1, E, K, I};
+            for (int p = 0; p < N_PATHS; p++) cr_assert(be[p]->ops->reserve(be[p], &lim) == MF_OK, "reserve failed");
+            for (size_t ni = 0; ni < sizeof ntoks / sizeof ntoks[0]; ni++) {
+                int64_t nt = ntoks[ni];
+                float *x = buf_alloc(nt * H), *w = buf_alloc(nt * K);
+                int32_t *ids = malloc(sizeof(int32_t) * (size_t)(nt * K));
+                cr_assert(ids);
+                fill_normal(x, nt * H, 0.0, 1.0);
+                for (int64_t t = 0; t < nt; t++) { /* K distinct experts, positive weights */
+                    float ws = 0;
+                    for (int j = 0; j < K; j++) {
+                        int e, dup;
+                        do {
+                            e = (int)(rng_next() % (uint64_t)E);
+                            dup = 0;
+                            for (int k = 0; k < j; k++) dup |= ids[t * K + k] == e;
+                        } while (dup);
+                        ids[t * K + j] = e;
+                        ws += w[t * K + j] = (float)(0.1 + rng_unif());
+                    }
+                    for (int j = 0; j < K; j++) w[t * K + j] /= ws;
+                }
+                double *ref = dalloc(nt * H);
+                moe_ref(&mb, x, ids, w, nt, K, ref);
+                float *y[N_PATHS];
+                for (int p = 0; p < N_PATHS; p++) {
+                    y[p] = buf_alloc(nt * H); /* NaN: every element must be overwritten */
+                    be[p]->ops->moe_experts(be[p], x, ids, w, nt, K, mb.table, &mb.lay, y[p]);
+                    char what[128];
+                    snprintf(what, sizeof what, "moe_experts %s/%s E %d K %d n_tok %lld %s",
+                             mf_qtype_name(typesets[ti][0]), mf_qtype_name(typesets[ti][2]), E, K, (long long)nt,
+                             path_name[p]);
+                    check_written(y[p], nt * H, what);
+                    for (int64_t t = 0; t < nt; t++) {
+                        double e = rel_err(y[p] + t * H, ref + t * H, H);
+                        cr_assert(e <= 1e-5, "%s: token %lld relative error %.3g", what, (long long)t, e);
+                        if (e > worst[p]) worst[p] = e;
+                    }
+                }
+                /* grouping by expert (fast) changes nothing beyond rounding */
+                double *yr = dalloc(nt * H);
+                for (int64_t i = 0; i < nt * H; i++) yr[i] = y[PATH_REF][i];
+                double e = rel_err(y[PATH_FAST], yr, nt * H);
+                cr_assert(e <= 1e-5, "moe_experts: fast and reference paths differ by %.3g", e);
+                if (e > worst_paths) worst_paths = e;
+                for (int p = 0; p < N_PATHS; p++) free(y[p]);
+                free(x);
+                free(w);
+                free(ids);
+                free(ref);
+                free(yr);
+            }
+            moe_blobs_free(&mb);
+        }
+    cr_log_info("moe_experts: worst relative error fast %.3g, reference %.3g; fast vs reference %.3g",
+                worst[PATH_FAST], worst[PATH_REF], worst_paths);
+}
+
+Test(ops, host_alloc) {
+    static const size_t sizes[] = {1, 4096, 7 << 20};
+    for (int p = 0; p < N_PATHS; p++)
+        for (size_t si = 0; si < sizeof sizes / sizeof sizes[0]; si++) {
+            unsigned char *m = be[p]->ops->host_alloc(be[p], sizes[si]);
+            cr_assert(m, "host_alloc of %zu bytes failed", sizes[si]);
+            size_t i = 0;
+            while (i < sizes[si] && m[i] == 0) i++;
+            cr_assert(i == sizes[si], "host_alloc memory not zeroed at %zu", i);
+            memset(m, 0x5a, sizes[si]);
+            cr_assert(m[sizes[si] - 1] == 0x5a);
+            be[p]->ops->host_free(be[p], m);
+        }
+    be[PATH_FAST]->ops->host_free(be[PATH_FAST], NULL);
 }

@@ -67,7 +67,7 @@ static void backends_new(int64_t max_ctx, int64_t max_tokens, int max_head_dim, 
     gpu = cuda_backend_create(0, &err);
     cr_assert(cpu, "cannot create the CPU backend");
     cr_assert(gpu, "cannot create the CUDA backend: %s", err.msg);
-    mf_backend_limits lim = {max_ctx, max_tokens, max_head_dim, max_experts};
+    mf_backend_limits lim = {max_ctx, max_tokens, max_head_dim, max_experts, 0, 0};
     cr_assert(cpu->ops->reserve(cpu, &lim) == MF_OK, "CPU reserve failed");
     cr_assert(gpu->ops->reserve(gpu, &lim) == MF_OK, "CUDA reserve failed");
 }
@@ -192,6 +192,38 @@ Test(cuda, memory) {
     free(hb);
     free(hc);
     free(h);
+}
+
+Test(cuda, upload_pinned) {
+    /* host_alloc memory: page-locked, zeroed; uploads from it (whole or from inside) go direct,
+     * and the source may change as soon as upload returns */
+    static const size_t sizes[] = {12, 4096, 1 << 20, 7 << 20, 20 << 20};
+    for (size_t si = 0; si < sizeof sizes / sizeof sizes[0]; si++) {
+        size_t n = sizes[si];
+        unsigned char *h = gpu->ops->host_alloc(gpu, n + 64), *back = malloc(n);
+        cr_assert(h && back, "host_alloc of %zu bytes failed", n + 64);
+        size_t z = 0;
+        while (z < n + 64 && h[z] == 0) z++;
+        cr_assert(z == n + 64, "host_alloc memory not zeroed at %zu", z);
+        for (int k = 0; k < 3; k++) {
+            unsigned char *src = h + (k == 2 ? 64 : 0); /* k 2: from inside the block */
+            for (size_t i = 0; i < n; i++) src[i] = (unsigned char)(i * 7 + k * 13 + si);
+            unsigned char *d = gpu->ops->alloc(gpu, n);
+            cr_assert(d);
+            gpu->ops->upload(gpu, d, src, n);
+            memset(src, 0xee, n); /* reused right after the call */
+            gpu->ops->download(gpu, back, d, n);
+            no_cuda_error();
+            for (size_t i = 0; i < n; i++)
+                cr_assert(back[i] == (unsigned char)(i * 7 + k * 13 + si), "upload of %zu bytes (case %d) at %zu", n,
+                          k, i);
+            dev_free(d);
+        }
+        gpu->ops->host_free(gpu, h);
+        free(back);
+    }
+    gpu->ops->host_free(gpu, NULL);
+    no_cuda_error();
 }
 
 /* ---- matmul ---- */
@@ -464,7 +496,7 @@ static double attention_case(int nh, int nkv, int hd, int64_t pos0, int64_t nt, 
     int64_t nq = nt * nh * hd, ncache = n_ctx * nkv * hd, nvalid = n_valid * nkv * hd;
     backends_new(reserved ? n_ctx : 1, nt, 1, 1);
     if (!reserved) { /* the CPU needs its scratch; the GPU runs without any */
-        mf_backend_limits lim = {n_ctx, nt, 1, 1};
+        mf_backend_limits lim = {n_ctx, nt, 1, 1, 0, 0};
         cr_assert(cpu->ops->reserve(cpu, &lim) == MF_OK);
     }
     float *q = hnormal(nq, 0.0, 1.0), *kc = hnormal(ncache, 0.0, 1.0), *vc = hnormal(ncache, 0.0, 1.0);
@@ -760,4 +792,178 @@ Test(cuda, sticky_error) {
     cr_assert(cuda_backend_last_error(cpu) == NULL);
     mf_err err = {0};
     cr_assert(cuda_backend_create(99, &err) == NULL && err.status == MF_ERR_ARG, "device 99: %s", err.msg);
+}
+
+/* ---- moe_experts: a layer's routed experts ---- */
+
+static uint64_t align_up(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
+
+/* E expert blobs in host memory as docs/format.md lays them out (gate [I][H], up [I][H],
+ * down [H][I], parts at 64-aligned offsets, a 4096-multiple stride), random weights. */
+typedef struct moe_host {
+    mf_expert_layout lay;
+    unsigned char *mem;
+    uint64_t stride;
+    int E;
+} moe_host;
+
+static void moe_host_make(moe_host *mh, const mf_qtype types[3], int E, int64_t H, int64_t I) {
+    const int64_t rows[3] = {I, I, H}, cols[3] = {H, H, I};
+    uint64_t at = 0;
+    mh->E = E;
+    mh->lay.inter = I, mh->lay.hidden = H;
+    for (int p = 0; p < 3; p++) {
+        mh->lay.type[p] = types[p];
+        mh->lay.offset[p] = at = align_up(at, 64);
+        at += quant_tensor_bytes(types[p], rows[p], cols[p]);
+    }
+    mh->stride = align_up(at, 4096);
+    mh->mem = aligned_alloc(4096, mh->stride * (uint64_t)E);
+    cr_assert(mh->mem, "out of memory for %d experts", E);
+    memset(mh->mem, 0x7f, mh->stride * (uint64_t)E); /* padding: NaN-ish bytes, never read */
+    for (int e = 0; e < E; e++)
+        for (int p = 0; p < 3; p++) {
+            void *part = make_weights(types[p], rows[p], cols[p]);
+            memcpy(mh->mem + mh->stride * (uint64_t)e + mh->lay.offset[p], part,
+                   quant_tensor_bytes(types[p], rows[p], cols[p]));
+            free(part);
+        }
+}
+
+/* Random routes: K distinct experts per token, positive weights summing to 1. */
+static void moe_routes(int E, int K, int64_t nt, int32_t *ids, float *w) {
+    for (int64_t t = 0; t < nt; t++) {
+        float ws = 0;
+        for (int j = 0; j < K; j++) {
+            int e, dup;
+            do {
+                e = (int)(rng_next() % (uint64_t)E);
+                dup = 0;
+                for (int k = 0; k < j; k++) dup |= ids[t * K + k] == e;
+            } while (dup);
+            ids[t * K + j] = e;
+            ws += w[t * K + j] = (float)(0.1 + rng_unif());
+        }
+        for (int j = 0; j < K; j++) w[t * K + j] /= ws;
+    }
+}
+
+/* The CUDA op against the CPU op (ref) for each token count; the blobs go up from host_alloc
+ * memory (pinned, scribbled over right after each upload) or from malloc memory. */
+static double moe_case(mf_backend *ref, const mf_qtype types[3], int E, int K, int64_t H, int64_t I,
+                       const int64_t *ntoks, int n_nt, int pinned) {
+    moe_host mh;
+    moe_host_make(&mh, types, E, H, I);
+    int64_t max_nt = 0;
+    for (int i = 0; i < n_nt; i++) max_nt = ntoks[i] > max_nt ? ntoks[i] : max_nt;
+    mf_backend_limits lim = {1, max_nt, 1, E, K, I};
+    cr_assert(ref->ops->reserve(ref, &lim) == MF_OK && gpu->ops->reserve(gpu, &lim) == MF_OK, "reserve failed");
+    unsigned char *stage = pinned ? gpu->ops->host_alloc(gpu, mh.stride) : NULL;
+    cr_assert(!pinned || stage, "host_alloc failed");
+    const void **table = malloc(sizeof(void *) * (size_t)E), **dtab_h = malloc(sizeof(void *) * (size_t)E);
+    cr_assert(table && dtab_h);
+    for (int e = 0; e < E; e++) {
+        const unsigned char *blob = mh.mem + mh.stride * (uint64_t)e;
+        table[e] = blob;
+        void *d = gpu->ops->alloc(gpu, mh.stride);
+        cr_assert(d, "device allocation of expert %d failed", e);
+        if (pinned) {
+            memcpy(stage, blob, mh.stride);
+            gpu->ops->upload(gpu, d, stage, mh.stride);
+            memset(stage, 0xff, mh.stride); /* the next expert's bytes would land here */
+        } else {
+            gpu->ops->upload(gpu, d, blob, mh.stride);
+        }
+        dtab_h[e] = d;
+    }
+    if (stage) gpu->ops->host_free(gpu, stage);
+    void *dtab = dev_bytes(dtab_h, sizeof(void *) * (size_t)E);
+    double worst = 0;
+    for (int ni = 0; ni < n_nt; ni++) {
+        int64_t nt = ntoks[ni];
+        float *x = hnormal(nt * H, 0.0, 1.0), *w = malloc(sizeof(float) * (size_t)(nt * K));
+        int32_t *ids = malloc(sizeof(int32_t) * (size_t)(nt * K));
+        float *yref = malloc(sizeof(float) * (size_t)(nt * H));
+        cr_assert(w && ids && yref);
+        moe_routes(E, K, nt, ids, w);
+        ref->ops->moe_experts(ref, x, ids, w, nt, K, table, &mh.lay, yref);
+        float *dx = dev_floats(x, nt * H), *dw = dev_floats(w, nt * K), *dy = dev_floats(NULL, nt * H);
+        int32_t *dids = dev_bytes(ids, sizeof(int32_t) * (size_t)(nt * K));
+        gpu->ops->moe_experts(gpu, dx, dids, dw, nt, K, (const void *const *)dtab, &mh.lay, dy);
+        char what[160];
+        snprintf(what, sizeof what, "moe_experts %s/%s/%s H %lld I %lld E %d K %d n_tok %lld from %s",
+                 qname(types[0]), qname(types[1]), qname(types[2]), (long long)H, (long long)I, E, K, (long long)nt,
+                 pinned ? "host_alloc" : "malloc");
+        float *y = dev_fetch(dy, nt * H, what);
+        for (int64_t t = 0; t < nt; t++) {
+            char wt[200];
+            snprintf(wt, sizeof wt, "%s token %lld", what, (long long)t);
+            worst = fmax(worst, check_close(y + t * H, yref + t * H, H, TOL_MM, wt));
+        }
+        dev_free(dx);
+        dev_free(dw);
+        dev_free(dy);
+        dev_free(dids);
+        free(x);
+        free(w);
+        free(ids);
+        free(yref);
+        free(y);
+    }
+    for (int e = 0; e < E; e++) dev_free((void *)dtab_h[e]);
+    dev_free(dtab);
+    free(table);
+    free(dtab_h);
+    free(mh.mem);
+    return worst;
+}
+
+Test(cuda, moe_experts_fixture_dims) {
+    /* the fixtures' experts (hidden 64, inter 64, 8 experts, top 2), every storage type, down
+     * stored apart from gate/up, a wider hidden and an odd token count */
+    static const mf_qtype typesets[][3] = {
+        {MF_QTYPE_Q4, MF_QTYPE_Q4, MF_QTYPE_Q4},       {MF_QTYPE_Q8, MF_QTYPE_Q8, MF_QTYPE_Q8},
+        {MF_QTYPE_BF16, MF_QTYPE_BF16, MF_QTYPE_BF16}, {MF_QTYPE_F32, MF_QTYPE_F32, MF_QTYPE_F32},
+        {MF_QTYPE_Q4, MF_QTYPE_Q4, MF_QTYPE_BF16},     {MF_QTYPE_Q8, MF_QTYPE_Q8, MF_QTYPE_F32},
+    };
+    static const int64_t ntoks[] = {1, 3, 12, 64};
+    double worst = 0;
+    for (size_t ti = 0; ti < sizeof typesets / sizeof typesets[0]; ti++) {
+        rng_seed(15000 + ti);
+        worst = fmax(worst, moe_case(cpu, typesets[ti], 8, 2, 64, 64, ntoks, 4, (int)(ti & 1)));
+        worst = fmax(worst, moe_case(cpu, typesets[ti], 16, 4, 192, 128, ntoks, 3, (int)(~ti & 1)));
+    }
+    cr_log_info("moe_experts fixture dims: worst relative error %.3g", worst);
+}
+
+Test(cuda, moe_experts_real_dims) {
+    /* Qwen3.6-35B-A3B (hidden 2048, inter 512, top 8) and Qwen3.5-397B (4096, 1024, top 10),
+     * q4 experts (and q8 at the 35B shape); decode and a 64-token chunk; the CPU fast path as
+     * the reference (threads: the reference path is slow at these sizes) */
+    mf_backend *fast = cpu_backend_create(0, 0);
+    cr_assert(fast);
+    static const int64_t ntoks[] = {1, 64};
+    static const mf_qtype q4[3] = {MF_QTYPE_Q4, MF_QTYPE_Q4, MF_QTYPE_Q4}, q8[3] = {MF_QTYPE_Q8, MF_QTYPE_Q8, MF_QTYPE_Q8};
+    double worst = 0;
+    rng_seed(16000);
+    worst = fmax(worst, moe_case(fast, q4, 64, 8, 2048, 512, ntoks, 2, 1));
+    rng_seed(16001);
+    worst = fmax(worst, moe_case(fast, q8, 32, 8, 2048, 512, ntoks, 2, 0));
+    rng_seed(16002);
+    worst = fmax(worst, moe_case(fast, q4, 24, 10, 4096, 1024, ntoks, 2, 0));
+    rng_seed(16003);
+    worst = fmax(worst, moe_case(fast, q4, 12, 10, 4096, 1024, ntoks, 1, 1));
+    fast->ops->destroy(fast);
+    cr_log_info("moe_experts real dims: worst relative error %.3g", worst);
+}
+
+Test(cuda, moe_experts_refused) {
+    /* more pairs than reserve was told: refused with a message, nothing written */
+    mf_backend_limits lim = {1, 2, 1, 8, 2, 64};
+    cr_assert(gpu->ops->reserve(gpu, &lim) == MF_OK);
+    mf_expert_layout lay = {{MF_QTYPE_Q4, MF_QTYPE_Q4, MF_QTYPE_Q4}, {0, 4096, 8192}, 64, 64};
+    float *d = dev_floats(NULL, 4 * 64);
+    gpu->ops->moe_experts(gpu, d, (const int32_t *)d, d, 3, 2, (const void *const *)d, &lay, d);
+    const char *e = cuda_backend_last_error(gpu);
+    cr_assert(e && strstr(e, "moe_experts"), "no sticky error: %s", e ? e : "(none)");
 }

@@ -15,14 +15,32 @@ typedef struct cpu_backend {
     int n_threads;
     float *scratch;          /* [n_threads][scratch_floats] per-thread work space */
     size_t scratch_floats;
+    /* moe_experts work space for up to moe_pairs (token, expert) pairs: gate and up
+     * [pairs][moe_inter], sort keys [pairs], where each pair's output landed [pairs] (reserved);
+     * x rows gathered per expert and the outputs, [pairs][moe_hidden] (the limits do not say
+     * hidden, so the first call sizes these two). */
+    float *moe_x, *moe_out, *moe_g, *moe_u;
+    uint64_t *moe_key;
+    int32_t *moe_pos;
+    int64_t moe_pairs, moe_inter, moe_hidden;
 } cpu_backend;
 
 static cpu_backend *cpu(mf_backend *b) { return (cpu_backend *)b; }
+
+static void moe_scratch_free(cpu_backend *c) {
+    free(c->moe_x);
+    free(c->moe_out);
+    free(c->moe_g);
+    free(c->moe_u);
+    free(c->moe_key);
+    free(c->moe_pos);
+}
 
 static void cpu_destroy(mf_backend *b) {
     if (!b) return;
     pool_destroy(cpu(b)->pool);
     free(cpu(b)->scratch);
+    moe_scratch_free(cpu(b));
     free(b);
 }
 
@@ -37,16 +55,44 @@ static size_t scratch_need(const mf_backend_limits *lim) {
     return attn > dn ? attn : dn;
 }
 
+static int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+
+/* Sizes the moe_experts work space for pairs x inter x hidden (each dimension only grows;
+ * hidden 0 leaves the hidden-wide arrays to the first call). */
+static mf_status moe_grow(cpu_backend *c, int64_t pairs, int64_t inter, int64_t hidden) {
+    pairs = max64(c->moe_pairs, pairs), inter = max64(c->moe_inter, inter), hidden = max64(c->moe_hidden, hidden);
+    if (pairs == c->moe_pairs && inter == c->moe_inter && hidden == c->moe_hidden) return MF_OK;
+    cpu_backend n = {0};
+    size_t ph = (size_t)(pairs * hidden), pi = (size_t)(pairs * inter);
+    n.moe_x = malloc(sizeof(float) * (ph ? ph : 1));
+    n.moe_out = malloc(sizeof(float) * (ph ? ph : 1));
+    n.moe_g = malloc(sizeof(float) * (pi ? pi : 1));
+    n.moe_u = malloc(sizeof(float) * (pi ? pi : 1));
+    n.moe_key = malloc(sizeof(uint64_t) * (size_t)(pairs ? pairs : 1));
+    n.moe_pos = malloc(sizeof(int32_t) * (size_t)(pairs ? pairs : 1));
+    if (!n.moe_x || !n.moe_out || !n.moe_g || !n.moe_u || !n.moe_key || !n.moe_pos) {
+        moe_scratch_free(&n);
+        return MF_ERR_NOMEM;
+    }
+    moe_scratch_free(c);
+    c->moe_x = n.moe_x, c->moe_out = n.moe_out, c->moe_g = n.moe_g, c->moe_u = n.moe_u;
+    c->moe_key = n.moe_key, c->moe_pos = n.moe_pos;
+    c->moe_pairs = pairs, c->moe_inter = inter, c->moe_hidden = hidden;
+    return MF_OK;
+}
+
 static mf_status cpu_reserve(mf_backend *b, const mf_backend_limits *lim) {
     cpu_backend *c = cpu(b);
     size_t need = scratch_need(lim);
-    if (need <= c->scratch_floats) return MF_OK;
-    float *ns = malloc(sizeof(float) * need * (size_t)c->n_threads);
-    if (!ns) return MF_ERR_NOMEM;
-    free(c->scratch);
-    c->scratch = ns;
-    c->scratch_floats = need;
-    return MF_OK;
+    if (need > c->scratch_floats) {
+        float *ns = malloc(sizeof(float) * need * (size_t)c->n_threads);
+        if (!ns) return MF_ERR_NOMEM;
+        free(c->scratch);
+        c->scratch = ns;
+        c->scratch_floats = need;
+    }
+    if (lim->max_top_k <= 0 || lim->max_inter <= 0) return MF_OK; /* no moe_experts calls */
+    return moe_grow(c, lim->max_tokens * lim->max_top_k, lim->max_inter, 0);
 }
 
 static void cpu_op_matmul(mf_backend *b, const mf_wmat *w, const float *x, int64_t n_tok, float *y) {
@@ -453,6 +499,84 @@ static void cpu_add_gated(mf_backend *b, float *y, const float *x, const float *
     }
 }
 
+/* ---- routed experts ---- */
+
+/* The three matrices of the expert blob at blob. */
+static void moe_parts(const mf_expert_layout *lay, const void *blob, mf_wmat *gate, mf_wmat *up, mf_wmat *down) {
+    const char *base = blob;
+    *gate = (mf_wmat){lay->type[0], lay->inter, lay->hidden, base + lay->offset[0]};
+    *up = (mf_wmat){lay->type[1], lay->inter, lay->hidden, base + lay->offset[1]};
+    *down = (mf_wmat){lay->type[2], lay->hidden, lay->inter, base + lay->offset[2]};
+}
+
+/* out [n][hidden] = down(silu(gate x) * up x) for x [n][hidden]; g, u [n][inter] work space. */
+static void moe_swiglu_expert(cpu_backend *c, const mf_expert_layout *lay, const void *blob, const float *x,
+                              int64_t n, float *g, float *u, float *out) {
+    mf_wmat gate, up, down;
+    moe_parts(lay, blob, &gate, &up, &down);
+    cpu_matmul(c->pool, &gate, x, n, g, c->reference);
+    cpu_matmul(c->pool, &up, x, n, u, c->reference);
+    for (int64_t i = 0; i < n * lay->inter; i++) g[i] = silu(g[i]) * u[i];
+    cpu_matmul(c->pool, &down, g, n, out, c->reference);
+}
+
+static int key_cmp(const void *a, const void *b) {
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* Reference: each (token, j) pair through its expert, one at a time. Fast: the pairs sorted by
+ * expert (then pair index), each expert run once on all its tokens. Both then sum the pairs'
+ * outputs per token in j order, so grouping changes nothing beyond matmul rounding. */
+static void cpu_moe_experts(mf_backend *b, const float *x, const int32_t *ids, const float *w, int64_t n_tok, int K,
+                            const void *const *blobs, const mf_expert_layout *lay, float *y) {
+    cpu_backend *c = cpu(b);
+    const int64_t H = lay->hidden, I = lay->inter, P = n_tok * K;
+    if (n_tok <= 0) return;
+    if (K <= 0) {
+        memset(y, 0, sizeof(float) * (size_t)(n_tok * H));
+        return;
+    }
+    if (P > c->moe_pairs || I > c->moe_inter) abort(); /* a caller skipped reserve */
+    if (H > c->moe_hidden && moe_grow(c, 0, 0, H)) abort(); /* once: out of memory */
+    float *out = c->moe_out; /* [P][H], pair p's output at row moe_pos[p] */
+    if (c->reference) {
+        for (int64_t p = 0; p < P; p++) {
+            moe_swiglu_expert(c, lay, blobs[ids[p]], x + (p / K) * H, 1, c->moe_g, c->moe_u, out + p * H);
+            c->moe_pos[p] = (int32_t)p;
+        }
+    } else {
+        for (int64_t p = 0; p < P; p++) c->moe_key[p] = (uint64_t)(uint32_t)ids[p] << 32 | (uint64_t)p;
+        qsort(c->moe_key, (size_t)P, sizeof *c->moe_key, key_cmp);
+        for (int64_t a = 0, e; a < P; a = e) {
+            uint32_t id = (uint32_t)(c->moe_key[a] >> 32);
+            for (e = a; e < P && (uint32_t)(c->moe_key[e] >> 32) == id; e++) {
+                int64_t p = (int64_t)(c->moe_key[e] & 0xffffffffu);
+                c->moe_pos[p] = (int32_t)e;
+                memcpy(c->moe_x + e * H, x + (p / K) * H, sizeof(float) * (size_t)H);
+            }
+            moe_swiglu_expert(c, lay, blobs[(int32_t)id], c->moe_x + a * H, e - a, c->moe_g, c->moe_u, out + a * H);
+        }
+    }
+    for (int64_t t = 0; t < n_tok; t++) {
+        float *yt = y + t * H;
+        memset(yt, 0, sizeof(float) * (size_t)H);
+        for (int j = 0; j < K; j++) {
+            const float wj = w[t * K + j], *o = out + (int64_t)c->moe_pos[t * K + j] * H;
+            for (int64_t i = 0; i < H; i++) yt[i] += wj * o[i];
+        }
+    }
+}
+
+/* Ordinary page-aligned memory: the CPU has no faster kind to offer. */
+static void *cpu_host_alloc(mf_backend *b, size_t bytes) {
+    (void)b;
+    void *p = NULL;
+    if (posix_memalign(&p, 4096, bytes ? bytes : 4096)) return NULL;
+    memset(p, 0, bytes);
+    return p;
+}
+
 static const mf_backend_ops cpu_ops = {
     .name = "cpu",
     .host_memory = 1,
@@ -483,6 +607,9 @@ static const mf_backend_ops cpu_ops = {
     .gather_rows = cpu_gather_rows,
     .scatter_add = cpu_scatter_add,
     .add_gated = cpu_add_gated,
+    .moe_experts = cpu_moe_experts,
+    .host_alloc = cpu_host_alloc,
+    .host_free = cpu_free,
 };
 
 mf_backend *cpu_backend_create(int n_threads, int reference) {

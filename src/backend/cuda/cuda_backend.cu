@@ -1,5 +1,6 @@
-/* cuda_backend.cu - the CUDA backend: device choice, one stream, memory (alloc, copies through
- * pinned staging, scratch), the sticky error and the ops table. Not the kernels (one .cu per op family). */
+/* cuda_backend.cu - the CUDA backend: device choice, one stream, memory (alloc, page-locked host
+ * memory, copies direct or through pinned staging, scratch), the sticky error and the ops table.
+ * Not the kernels (one .cu per op family). */
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -37,6 +38,9 @@ static void cb_destroy(mf_backend *b) {
     cudaSetDevice(c->device);
     if (c->stream) cudaStreamSynchronize(c->stream);
     cudaFree(c->scratch);
+    cudaFree(c->moe_act);
+    free(c->pinned);
+    pthread_mutex_destroy(&c->pinned_lock);
     for (int i = 0; i < CB_STAGE_SLOTS; i++) {
         if (c->stage[i]) cudaFreeHost(c->stage[i]);
         if (c->stage_done[i]) cudaEventDestroy(c->stage_done[i]);
@@ -46,10 +50,9 @@ static void cb_destroy(mf_backend *b) {
     free(c);
 }
 
-static mf_status cb_reserve(mf_backend *b, const mf_backend_limits *lim) {
-    cuda_backend *c = cb_of(b);
-    size_t need = cuda_attention_scratch_floats(lim);
-    if (need <= c->scratch_floats) return MF_OK;
+/* Grows *buf [*have floats] to need floats (contents not kept). */
+static mf_status cb_grow(cuda_backend *c, float **buf, size_t *have, size_t need) {
+    if (need <= *have) return MF_OK;
     if (c->failed) return MF_ERR_INTERNAL;
     if (cb_check(c, cudaStreamSynchronize(c->stream), "reserve")) return MF_ERR_INTERNAL;
     float *p = NULL;
@@ -57,10 +60,17 @@ static mf_status cb_reserve(mf_backend *b, const mf_backend_limits *lim) {
         cudaGetLastError(); /* out of memory is an answer, not a sticky failure */
         return MF_ERR_NOMEM;
     }
-    cudaFree(c->scratch);
-    c->scratch = p;
-    c->scratch_floats = need;
+    cudaFree(*buf);
+    *buf = p;
+    *have = need;
     return MF_OK;
+}
+
+static mf_status cb_reserve(mf_backend *b, const mf_backend_limits *lim) {
+    cuda_backend *c = cb_of(b);
+    mf_status st = cb_grow(c, &c->scratch, &c->scratch_floats, cuda_attention_scratch_floats(lim));
+    if (st == MF_OK) st = cb_grow(c, &c->moe_act, &c->moe_act_floats, cuda_moe_act_floats(lim));
+    return st;
 }
 
 /* ---- memory ---- */
@@ -86,21 +96,91 @@ static void cb_free(mf_backend *b, void *p) {
     cb_check(c, cudaFree(p), "free"); /* waits for the work that may still read p */
 }
 
-/* Copy semantics: src may be reused as soon as this returns. Bytes go through pinned staging
- * buffers (memcpy, then an async DMA on the stream), so small uploads do not wait for the
- * device; a staging buffer is reused once its previous DMA has finished. A large source that
- * is already pinned is copied directly, then the stream is synchronized. */
+/* Index of the first registered range whose begin is above a (pinned_lock held). */
+static int cb_pinned_after(const cuda_backend *c, uintptr_t a) {
+    int lo = 0, hi = c->n_pinned;
+    while (lo < hi) {
+        int mid = (lo + hi) / 2;
+        if (c->pinned[mid].begin <= a) lo = mid + 1;
+        else hi = mid;
+    }
+    return lo;
+}
+
+/* Whether [p, p + bytes) lies inside one host_alloc range. */
+static int cb_is_pinned(cuda_backend *c, const void *p, size_t bytes) {
+    uintptr_t a = (uintptr_t)p;
+    pthread_mutex_lock(&c->pinned_lock);
+    int i = cb_pinned_after(c, a) - 1;
+    int in = i >= 0 && a + bytes <= c->pinned[i].end;
+    pthread_mutex_unlock(&c->pinned_lock);
+    return in;
+}
+
+/* Page-locked, portable, zeroed host memory, remembered so that uploads from it go direct. */
+static void *cb_host_alloc(mf_backend *b, size_t bytes) {
+    cuda_backend *c = cb_of(b);
+    if (c->failed) return NULL;
+    void *p = NULL;
+    if (cudaHostAlloc(&p, bytes ? bytes : 1, cudaHostAllocPortable) != cudaSuccess) {
+        cudaGetLastError(); /* out of page-locked memory is an answer, not a sticky failure */
+        return NULL;
+    }
+    memset(p, 0, bytes);
+    pthread_mutex_lock(&c->pinned_lock);
+    int ok = 1;
+    if (c->n_pinned == c->cap_pinned) {
+        int cap = c->cap_pinned ? 2 * c->cap_pinned : 16;
+        void *np = realloc(c->pinned, sizeof *c->pinned * (size_t)cap);
+        if (np) c->pinned = (cuda_backend::cb_host_range *)np, c->cap_pinned = cap;
+        else ok = 0;
+    }
+    if (ok) {
+        int i = cb_pinned_after(c, (uintptr_t)p);
+        memmove(c->pinned + i + 1, c->pinned + i, sizeof *c->pinned * (size_t)(c->n_pinned - i));
+        c->pinned[i].begin = (uintptr_t)p;
+        c->pinned[i].end = (uintptr_t)p + bytes;
+        c->n_pinned++;
+    }
+    pthread_mutex_unlock(&c->pinned_lock);
+    if (!ok) {
+        cudaFreeHost(p);
+        return NULL;
+    }
+    return p;
+}
+
+static void cb_host_free(mf_backend *b, void *p) {
+    if (!p) return;
+    cuda_backend *c = cb_of(b);
+    pthread_mutex_lock(&c->pinned_lock);
+    int i = cb_pinned_after(c, (uintptr_t)p) - 1;
+    if (i >= 0 && c->pinned[i].begin == (uintptr_t)p) {
+        memmove(c->pinned + i, c->pinned + i + 1, sizeof *c->pinned * (size_t)(c->n_pinned - i - 1));
+        c->n_pinned--;
+    }
+    pthread_mutex_unlock(&c->pinned_lock);
+    cb_check(c, cudaFreeHost(p), "host_free"); /* waits for copies that may still read p */
+}
+
+/* Copy semantics: src may be reused as soon as this returns. A source in page-locked memory
+ * (host_alloc's, or any other when large) is copied directly at the bus's speed, then the stream
+ * is synchronized (so the call also waits for the work queued before it). Any other source goes
+ * through pinned staging buffers (memcpy, then an async DMA on the stream), so small uploads do
+ * not wait for the device; a staging buffer is reused once its previous DMA has finished. */
 static void cb_upload(mf_backend *b, void *dst, const void *src, size_t bytes) {
     cuda_backend *c = cb_of(b);
     if (c->failed || !bytes) return;
-    if (bytes > 2 * CB_STAGE_BYTES) {
+    int direct = cb_is_pinned(c, src, bytes);
+    if (!direct && bytes > 2 * CB_STAGE_BYTES) {
         cudaPointerAttributes a;
-        if (cudaPointerGetAttributes(&a, src) == cudaSuccess && a.type == cudaMemoryTypeHost) {
-            if (!cb_check(c, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, c->stream), "upload"))
-                cb_check(c, cudaStreamSynchronize(c->stream), "upload");
-            return;
-        }
+        direct = cudaPointerGetAttributes(&a, src) == cudaSuccess && a.type == cudaMemoryTypeHost;
         cudaGetLastError();
+    }
+    if (direct) {
+        if (!cb_check(c, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, c->stream), "upload"))
+            cb_check(c, cudaStreamSynchronize(c->stream), "upload");
+        return;
     }
     for (size_t done = 0; done < bytes;) {
         size_t n = bytes - done < CB_STAGE_BYTES ? bytes - done : CB_STAGE_BYTES;
@@ -176,6 +256,9 @@ static const mf_backend_ops cuda_ops = {
     /* .gather_rows = */ cuda_op_gather_rows,
     /* .scatter_add = */ cuda_op_scatter_add,
     /* .add_gated = */ cuda_op_add_gated,
+    /* .moe_experts = */ cuda_op_moe_experts,
+    /* .host_alloc = */ cb_host_alloc,
+    /* .host_free = */ cb_host_free,
 };
 
 extern "C" int cuda_backend_available(void) {
@@ -214,6 +297,8 @@ extern "C" mf_backend *cuda_backend_create(int device, mf_err *err) {
     c->base.ops = &cuda_ops;
     c->device = device;
     c->n_sm = prop.multiProcessorCount;
+    c->smem_optin = (int)prop.sharedMemPerBlockOptin;
+    pthread_mutex_init(&c->pinned_lock, NULL);
     e = cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking);
     for (int i = 0; e == cudaSuccess && i < CB_STAGE_SLOTS; i++) {
         e = cudaHostAlloc((void **)&c->stage[i], CB_STAGE_BYTES, cudaHostAllocDefault);

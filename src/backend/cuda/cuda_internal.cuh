@@ -5,6 +5,7 @@
 #define MF_BACKEND_CUDA_INTERNAL_CUH
 
 #include <cuda_runtime.h>
+#include <pthread.h>
 #include <stdint.h>
 
 extern "C" {
@@ -23,8 +24,15 @@ typedef struct cuda_backend {
     cudaStream_t stream;               /* every op runs on this one stream, in call order */
     int failed;                        /* sticky: after the first CUDA error every op is a no-op */
     char err[512];
+    int smem_optin;                    /* shared memory a block may opt in to, bytes */
     float *scratch;                    /* device [scratch_floats]: attention split partials */
     size_t scratch_floats;
+    float *moe_act;                    /* device [moe_act_floats]: moe_experts' silu(g) * u per pair */
+    size_t moe_act_floats;
+    /* host_alloc's page-locked ranges [begin, end), sorted by begin: uploads from them go direct */
+    struct cb_host_range { uintptr_t begin, end; } *pinned;
+    int n_pinned, cap_pinned;
+    pthread_mutex_t pinned_lock;
     unsigned char *stage[CB_STAGE_SLOTS]; /* pinned host [CB_STAGE_BYTES] each */
     cudaEvent_t stage_done[CB_STAGE_SLOTS];
     int stage_busy[CB_STAGE_SLOTS];
@@ -111,6 +119,10 @@ void cuda_op_swiglu(mf_backend *b, float *g, const float *u, int64_t n);
 void cuda_op_dn_gates(mf_backend *b, const float *a, const float *bb, const float *A_log, const float *dt_bias,
                       int64_t n_tok, int Hv, float *g, float *beta);
 void cuda_op_add_gated(mf_backend *b, float *y, const float *x, const float *gate, int64_t n_tok, int64_t cols);
+/* cuda_moe.cu */
+void cuda_op_moe_experts(mf_backend *b, const float *x, const int32_t *ids, const float *w, int64_t n_tok, int K,
+                         const void *const *blobs, const mf_expert_layout *lay, float *y);
+size_t cuda_moe_act_floats(const mf_backend_limits *lim);
 /* cuda_rows.cu */
 void cuda_op_copy_rows(mf_backend *b, float *dst, int64_t dst_stride, const float *src, int64_t src_stride,
                        int64_t rows, int64_t cols);

@@ -2,105 +2,13 @@
  * to 8 tokens (each weight byte read once, 16-byte loads, x staged in shared memory) and a
  * shared-memory tiled kernel for more tokens or rows the GEMV cannot vectorize.
  * Not embedding lookups (cuda_embed.cu). */
-#include "backend/cuda/cuda_quant.cuh"
+#include "backend/cuda/cuda_gemv.cuh"
 
-/* ---- GEMV: n_tok <= 8 ----
- * A row is a run of 16-byte chunks. A warp works on row tiles of R rows; LPR lanes (a power of
- * two, up to 32) share a tile, lane i reading chunks i, i + LPR, ... of each of its R rows, so
- * each x value read serves R rows and a warp's weight loads are contiguous. Each block first
- * copies x (its tokens) into shared memory, chunk by chunk with the float4s of a chunk
- * XOR-swizzled so that lanes reading consecutive chunks hit distinct banks, plus each chunk's
- * sum; then its warps stride over row tiles. Per chunk of a row: w = A f + B (cq_vals), so the
- * chunk adds A sum(f x) + B sum(x). The LPR lanes' partial sums meet by shuffles. */
+/* ---- GEMV: n_tok <= 8 (cuda_gemv.cuh describes the layout) ----
+ * Each block stages x of its tokens, then its warps stride over row tiles. */
 
 #define GEMV_SMEM_MAX (96 * 1024) /* x of the tokens of one launch, and the chunk sums */
 #define GEMV_BIG ((uint64_t)64 << 20) /* weight bytes from which one token uses 4 rows per lane */
-
-/* Where float4 j of chunk c sits among the chunk's F float4s: eight lanes reading float4 j of
- * eight consecutive chunks (one shared-memory phase) land in eight distinct 16-byte bank groups. */
-template <int F>
-__device__ __forceinline__ int gemv_swz(int64_t c, int j) {
-    return j ^ (int)((c / (8 / F)) & (F - 1));
-}
-
-/* Issues the loads of chunks ch0, ch0 + lpr, ... (U of them, clamped into the row) of rows rr. */
-template <int QT, int R, int U>
-__device__ __forceinline__ void gemv_load(const cq_mat &m, const int64_t *rr, int64_t ch0, int lpr, int64_t nchunks,
-                                          uint4 (&wv)[U][R], float (&A)[U][R], float (&B)[U][R]) {
-    constexpr int EPC = cq_traits<QT>::EPC;
-    const int64_t ng = m.cols / QUANT_GROUP;
-#pragma unroll
-    for (int u = 0; u < U; u++) {
-        const int64_t ch = ch0 + u * lpr < nchunks ? ch0 + u * lpr : ch0;
-#pragma unroll
-        for (int i = 0; i < R; i++) wv[u][i] = cq_load_stream(m.data + (rr[i] * nchunks + ch) * 16);
-        if (cq_traits<QT>::AFFINE) {
-            const int64_t g = ch * EPC / QUANT_GROUP;
-#pragma unroll
-            for (int i = 0; i < R; i++)
-                cq_fold<QT>(cb_bf16(__ldg(m.scales + rr[i] * ng + g)), cb_bf16(__ldg(m.biases + rr[i] * ng + g)),
-                            A[u][i], B[u][i]);
-        }
-    }
-}
-
-/* Adds the loaded chunks' contributions to acc [R][NT]. */
-template <int QT, int NT, int R, int U>
-__device__ __forceinline__ void gemv_math(const float4 *xs4, const float *xsum, int64_t nchunks, int n_tok,
-                                          int64_t ch0, int lpr, const uint4 (&wv)[U][R], const float (&A)[U][R],
-                                          const float (&B)[U][R], float (&acc)[R][NT]) {
-    constexpr int EPC = cq_traits<QT>::EPC, F = EPC / 4;
-    constexpr bool AFF = cq_traits<QT>::AFFINE;
-    const int64_t nf4 = nchunks * F;
-#pragma unroll
-    for (int u = 0; u < U; u++) {
-        const int64_t ch = ch0 + u * lpr;
-        if (ch >= nchunks) break;
-        if (NT == 1) {
-            float xv[EPC];
-#pragma unroll
-            for (int j = 0; j < F; j++) {
-                const float4 v = xs4[ch * F + gemv_swz<F>(ch, j)];
-                xv[4 * j] = v.x, xv[4 * j + 1] = v.y, xv[4 * j + 2] = v.z, xv[4 * j + 3] = v.w;
-            }
-            const float X = AFF ? xsum[ch] : 0.0f;
-#pragma unroll
-            for (int i = 0; i < R; i++) {
-                float f[EPC], d0 = 0.0f, d1 = 0.0f;
-                cq_vals<QT>(wv[u][i], f);
-#pragma unroll
-                for (int j = 0; j < EPC; j += 2) {
-                    d0 = fmaf(f[j], xv[j], d0);
-                    d1 = fmaf(f[j + 1], xv[j + 1], d1);
-                }
-                acc[i][0] = AFF ? fmaf(A[u][i], d0 + d1, fmaf(B[u][i], X, acc[i][0])) : acc[i][0] + (d0 + d1);
-            }
-        } else {
-            float f[R][EPC];
-#pragma unroll
-            for (int i = 0; i < R; i++) cq_vals<QT>(wv[u][i], f[i]);
-#pragma unroll
-            for (int t = 0; t < NT; t++) {
-                if (t < n_tok) {
-                    float xv[EPC];
-#pragma unroll
-                    for (int j = 0; j < F; j++) {
-                        const float4 v = xs4[t * nf4 + ch * F + gemv_swz<F>(ch, j)];
-                        xv[4 * j] = v.x, xv[4 * j + 1] = v.y, xv[4 * j + 2] = v.z, xv[4 * j + 3] = v.w;
-                    }
-                    const float X = AFF ? xsum[t * nchunks + ch] : 0.0f;
-#pragma unroll
-                    for (int i = 0; i < R; i++) {
-                        float d = 0.0f;
-#pragma unroll
-                        for (int j = 0; j < EPC; j++) d = fmaf(f[i][j], xv[j], d);
-                        acc[i][t] = AFF ? fmaf(A[u][i], d, fmaf(B[u][i], X, acc[i][t])) : acc[i][t] + d;
-                    }
-                }
-            }
-        }
-    }
-}
 
 /* Block of THREADS: x [n_tok][cols] staged as described above, then warps stride over row
  * tiles. A warp issues its first weight loads before the staging, so that they overlap it.
@@ -125,27 +33,7 @@ gemv_kernel(cq_mat m, int64_t nchunks, int lpr_log2, int64_t n_tiles, const floa
         for (int i = 0; i < R; i++) rr[i] = r0 + i < m.rows ? r0 + i : m.rows - 1; /* clamped for loads */
         gemv_load<QT, R, U>(m, rr, li, lpr, nchunks, wv, A, B);
     }
-    for (int t = 0; t < n_tok; t++) {
-        const float4 *xt = (const float4 *)(x + t * m.cols);
-        for (int64_t i = threadIdx.x; i < nf4; i += THREADS) {
-            const int64_t c = i / F;
-            xs4[t * nf4 + c * F + gemv_swz<F>(c, (int)(i % F))] = __ldg(xt + i);
-        }
-    }
-    __syncthreads();
-    if (cq_traits<QT>::AFFINE) {
-        for (int64_t i = threadIdx.x; i < n_tok * nchunks; i += THREADS) {
-            const float4 *xc = xs4 + i * F; /* chunk i % nchunks of token i / nchunks */
-            float s = 0.0f;
-#pragma unroll
-            for (int j = 0; j < F; j++) {
-                const float4 v = xc[j];
-                s += (v.x + v.y) + (v.z + v.w);
-            }
-            xsum[i] = s;
-        }
-        __syncthreads();
-    }
+    gemv_stage<QT>(xs4, xsum, x, n_tok, m.cols, nchunks, THREADS);
     while (live) {
         float acc[R][NT];
 #pragma unroll
@@ -179,13 +67,6 @@ gemv_kernel(cq_mat m, int64_t nchunks, int lpr_log2, int64_t n_tiles, const floa
             gemv_load<QT, R, U>(m, rr, li, lpr, nchunks, wv, A, B);
         }
     }
-}
-
-/* Shared memory for the x of nt tokens of cols floats, and their chunk sums. */
-template <int QT>
-static size_t gemv_smem(int64_t cols, int64_t nt) {
-    const int64_t nchunks = cols / cq_traits<QT>::EPC;
-    return (size_t)nt * (size_t)(cols + (cq_traits<QT>::AFFINE ? nchunks : 0)) * sizeof(float);
 }
 
 /* Launches one configuration: a grid no larger than what the device holds at once (the warps
