@@ -115,6 +115,8 @@ typedef struct mf_engine_options {
     int use_cuda;                /* compute on the CUDA backend (see mf_cuda_available) */
     int cuda_device;
     uint64_t gpu_cache_bytes;    /* GPU expert cache budget; 0 = free GPU memory minus a reserve */
+    int no_preload;              /* don't load every expert into GPU memory at load time even
+                                    when they all fit (they then arrive on first use) */
 } mf_engine_options;
 
 /* Whether this build has the CUDA backend and a usable device. */

@@ -19,12 +19,22 @@ typedef struct mf_wmat {
 
 typedef struct mf_backend mf_backend;
 
+/* Where the three matrices of an expert blob sit (see docs/format.md): gate [inter][hidden],
+ * up [inter][hidden], down [hidden][inter], each stored as its type at its offset in the blob. */
+typedef struct mf_expert_layout {
+    mf_qtype type[3];
+    uint64_t offset[3];
+    int64_t inter, hidden;
+} mf_expert_layout;
+
 /* The largest work a session will hand the ops, so kernels never allocate while running. */
 typedef struct mf_backend_limits {
     int64_t max_ctx;    /* positions an attention op may read */
     int64_t max_tokens; /* tokens in one call */
     int max_head_dim;   /* largest k or v head dim of the linear attention */
     int max_experts;    /* router width */
+    int max_top_k;      /* experts per token (moe_experts) */
+    int64_t max_inter;  /* largest expert intermediate size (moe_experts) */
 } mf_backend_limits;
 
 typedef struct mf_backend_ops {
@@ -110,6 +120,18 @@ typedef struct mf_backend_ops {
     /* y[t] += sigmoid(gate[t]) * x[t] for rows t < n_tok of cols floats; gate [n_tok] */
     void (*add_gated)(mf_backend *b, float *y, const float *x, const float *gate, int64_t n_tok,
                       int64_t cols);
+    /* Routed experts of a layer in one call: y[t] = sum_j w[t][j] * down_e(silu(gate_e x[t]) *
+     * up_e x[t]) with e = ids[t][j], for t < n_tok, j < K. x, y [n_tok][hidden] (y is
+     * overwritten); ids, w [n_tok][K] (backend memory); blobs [n_experts] (backend memory) holds
+     * a backend pointer to each expert blob, and every chosen expert's entry is set. The sum over
+     * j runs in j order. */
+    void (*moe_experts)(mf_backend *b, const float *x, const int32_t *ids, const float *w,
+                        int64_t n_tok, int K, const void *const *blobs, const mf_expert_layout *lay,
+                        float *y);
+    /* Page-locked host memory for buffers that feed uploads (experts): NULL when unavailable;
+     * the CPU returns ordinary aligned memory. */
+    void *(*host_alloc)(mf_backend *b, size_t bytes);
+    void (*host_free)(mf_backend *b, void *p);
 } mf_backend_ops;
 
 struct mf_backend {

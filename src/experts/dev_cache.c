@@ -25,6 +25,8 @@ struct dev_cache {
     int32_t *index;     /* [n_layers][max_experts] -> slot, -1 when absent */
     int max_experts;
     int *layer_row;     /* [n_layers] -> expert-layer index in L, -1 for dense layers */
+    int *resident;      /* [n_layers] experts resident */
+    void **table;       /* backend memory [n_layers][max_experts]: blob pointers or NULL */
     uint64_t clock;
     dev_cache_stats st;
 };
@@ -60,7 +62,9 @@ mf_status dev_cache_open(dev_cache **out, mf_backend *be, expert_store *host, co
     int nl = L->hp.n_layers;
     c->index = malloc(sizeof(int32_t) * (size_t)nl * (size_t)(c->max_experts ? c->max_experts : 1));
     c->layer_row = malloc(sizeof(int) * (size_t)nl);
-    if (!c->slots || !c->index || !c->layer_row) {
+    c->resident = calloc((size_t)nl, sizeof(int));
+    c->table = be->ops->alloc(be, sizeof(void *) * (size_t)nl * (size_t)(c->max_experts ? c->max_experts : 1));
+    if (!c->slots || !c->index || !c->layer_row || !c->resident || !c->table) {
         dev_cache_close(c);
         return err_set(err, MF_ERR_NOMEM, "out of memory for the device expert cache index");
     }
@@ -79,6 +83,8 @@ void dev_cache_close(dev_cache *c) {
     free(c->slots);
     free(c->index);
     free(c->layer_row);
+    free(c->resident);
+    if (c->table) c->be->ops->free(c->be, c->table);
     free(c);
 }
 
@@ -88,6 +94,11 @@ static mf_status check(dev_cache *c, int layer, int32_t id, mf_err *err) {
     if (id < 0 || id >= c->L->expert_layers[c->layer_row[layer]].count)
         return err_set(err, MF_ERR_ARG, "device expert cache: layer %d has no expert %d", layer, id);
     return MF_OK;
+}
+
+/* Writes one entry of the backend-memory table. */
+static void set_entry(dev_cache *c, int layer, int32_t id, void *blob) {
+    c->be->ops->upload(c->be, c->table + (size_t)layer * c->max_experts + id, &blob, sizeof blob);
 }
 
 /* A free or evictable slot, never one of `keep` (ids of this layer wanted now); -1 if none. */
@@ -115,6 +126,8 @@ static int find_slot(dev_cache *c, int layer, const int32_t *keep, int n_keep) {
     if (best >= 0) {
         slot *s = &c->slots[best];
         c->index[(size_t)s->layer * c->max_experts + s->id] = -1;
+        set_entry(c, s->layer, s->id, NULL);
+        c->resident[s->layer]--;
         s->layer = -1;
         c->st.evictions++;
         c->st.resident_bytes -= c->slot_bytes;
@@ -139,6 +152,8 @@ static mf_status fill(dev_cache *c, int i, int layer, int32_t id, mf_err *err) {
     s->pins = 0;
     s->last_use = ++c->clock;
     c->index[(size_t)layer * c->max_experts + id] = i;
+    set_entry(c, layer, id, s->mem);
+    c->resident[layer]++;
     c->st.resident_bytes += c->slot_bytes;
     if (c->st.resident_bytes > c->st.peak_bytes) c->st.peak_bytes = c->st.resident_bytes;
     return MF_OK;
@@ -191,6 +206,37 @@ void dev_cache_release(dev_cache *c, int layer, int32_t id) {
     if (layer < 0 || layer >= c->L->hp.n_layers || id < 0 || id >= c->max_experts) return;
     int i = c->index[(size_t)layer * c->max_experts + id];
     if (i >= 0 && c->slots[i].pins > 0) c->slots[i].pins--;
+}
+
+int dev_cache_holds_all(const dev_cache *c) {
+    uint64_t need = 0;
+    for (int i = 0; i < c->L->n_expert_layers; i++) need += (uint64_t)c->L->expert_layers[i].count;
+    return (uint64_t)c->n_slots >= need;
+}
+
+mf_status dev_cache_preload(dev_cache *c, mf_err *err) {
+    if (!dev_cache_holds_all(c)) return MF_OK;
+    int32_t ids[64];
+    for (int i = 0; i < c->L->n_expert_layers; i++) {
+        const mfpack_expert_layer *E = &c->L->expert_layers[i];
+        for (int e0 = 0; e0 < E->count; e0 += 64) {
+            int n = E->count - e0 < 64 ? E->count - e0 : 64;
+            for (int k = 0; k < n; k++) ids[k] = e0 + k;
+            mf_status st = dev_cache_prefetch(c, E->layer, ids, n, err);
+            if (st) return st;
+        }
+    }
+    dev_cache_reset_stats(c);
+    return MF_OK;
+}
+
+int dev_cache_layer_resident(const dev_cache *c, int layer) {
+    return layer >= 0 && layer < c->L->hp.n_layers && c->layer_row[layer] >= 0 &&
+           c->resident[layer] == c->L->expert_layers[c->layer_row[layer]].count;
+}
+
+const void *const *dev_cache_table(const dev_cache *c, int layer) {
+    return (const void *const *)(c->table + (size_t)layer * c->max_experts);
 }
 
 void dev_cache_stats_get(const dev_cache *c, dev_cache_stats *st) { *st = c->st; }

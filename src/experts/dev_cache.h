@@ -27,6 +27,15 @@ mf_status dev_cache_prefetch(dev_cache *c, int layer, const int32_t *ids, int n,
 /* Backend pointer to the blob of (layer, id), pinned until dev_cache_release. */
 mf_status dev_cache_get(dev_cache *c, int layer, int32_t id, const void **blob, mf_err *err);
 void dev_cache_release(dev_cache *c, int layer, int32_t id);
+/* Whether the budget holds every expert of the file. */
+int dev_cache_holds_all(const dev_cache *c);
+/* Loads every expert (when dev_cache_holds_all), layer by layer in parallel reads. */
+mf_status dev_cache_preload(dev_cache *c, mf_err *err);
+/* Whether every expert of layer is resident now (then its table entries are all set). */
+int dev_cache_layer_resident(const dev_cache *c, int layer);
+/* The layer's table in backend memory: [n_experts] backend pointers to resident blobs (NULL
+ * for absent experts), kept up to date as blobs come and go. */
+const void *const *dev_cache_table(const dev_cache *c, int layer);
 void dev_cache_stats_get(const dev_cache *c, dev_cache_stats *st);
 void dev_cache_reset_stats(dev_cache *c);
 

@@ -68,6 +68,7 @@ struct expert_store {
     unsigned char *slot_async;   /* [n_slots] 1: read by async prefetch, no get has used it yet */
     read_job *slot_fail;     /* [n_slots] the failed read of a FAILED slot */
     int *free_slots;         /* [n_slots] stack of allocated empty slots */
+    expert_store_options opt;/* as given at open (the slot allocator) */
     int n_free;
     int lru_head, lru_tail;
     uint64_t epoch;          /* prefetch calls so far */
@@ -163,7 +164,9 @@ static int slot_take(expert_store *s, uint64_t keep_epoch, int keep_pending) {
     if (s->n_free > 0) return s->free_slots[--s->n_free];
     if (s->n_alloc < s->n_slots) {
         void *buf = NULL;
-        if (posix_memalign(&buf, MFPACK_ALIGN, (size_t)s->slot_bytes) == 0) {
+        if (s->opt.slot_alloc) buf = s->opt.slot_alloc(s->opt.slot_user, (size_t)s->slot_bytes);
+        else if (posix_memalign(&buf, MFPACK_ALIGN, (size_t)s->slot_bytes)) buf = NULL;
+        if (buf) {
             int i = s->n_alloc++;
             s->slot_buf[i] = buf;
             return i;
@@ -359,7 +362,10 @@ void expert_store_close(expert_store *s) {
     pthread_cond_destroy(&s->changed);
     pthread_cond_destroy(&s->work);
     if (s->fd_direct >= 0) close(s->fd_direct);
-    for (int i = 0; i < s->n_alloc; i++) free(s->slot_buf[i]);
+    for (int i = 0; i < s->n_alloc; i++) {
+        if (s->opt.slot_free) s->opt.slot_free(s->opt.slot_user, s->slot_buf[i]);
+        else free(s->slot_buf[i]);
+    }
     free(s->slot_buf);
     free(s->slot_key);
     free(s->slot_pins);
@@ -388,6 +394,7 @@ mf_status expert_store_open(expert_store **out, const mfpack_file *f, const expe
     expert_store_options def;
     expert_store_options_init(&def);
     if (!opt) opt = &def;
+    expert_store_options saved_opt = *opt;
     const mfpack_layout *L = &f->L;
     int n_layers = L->hp.n_layers;
     if (n_layers <= 0 || L->n_expert_layers <= 0)
@@ -410,6 +417,7 @@ mf_status expert_store_open(expert_store **out, const mfpack_file *f, const expe
 
     expert_store *s = calloc(1, sizeof *s);
     if (!s) return err_set(err, MF_ERR_NOMEM, "out of memory");
+    s->opt = saved_opt;
     pthread_mutex_init(&s->mu, NULL);
     pthread_cond_init(&s->changed, NULL);
     pthread_cond_init(&s->work, NULL);

@@ -21,6 +21,11 @@ typedef struct expert_store_options {
                                 has its own pool (<= 0: 8) */
     int o_direct;            /* nonzero: read through a second fd opened with O_DIRECT; when the
                                 filesystem refuses, reads stay buffered and stats.note says why */
+    /* Optional slot allocator (for example page-locked memory a GPU copies from at full PCIe
+     * speed); it must return 4096-aligned memory or NULL. NULL: posix_memalign / free. */
+    void *(*slot_alloc)(void *user, size_t bytes);
+    void (*slot_free)(void *user, void *p);
+    void *slot_user;
 } expert_store_options;
 
 /* Fills the defaults: budget 0 (one slot), 8 I/O threads, buffered reads. */

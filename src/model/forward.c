@@ -96,8 +96,8 @@ static void predict_next(mf_session *s, int l, int n) {
     int E = hp->n_experts, K = hp->top_k;
     pred_clear(s);
     OPS->matmul(be, &m->w.layers[ln].router, s->h, n, s->small3);
-    OPS->router_topk(be, s->small3, n, E, K, 0, s->d_topk_ids, s->d_topk_w);
-    OPS->download(be, s->topk_ids, s->d_topk_ids, sizeof(int32_t) * (size_t)(n * K));
+    OPS->router_topk(be, s->small3, n, E, K, 0, s->d_pred_ids, s->d_pred_w);
+    OPS->download(be, s->topk_ids, s->d_pred_ids, sizeof(int32_t) * (size_t)(n * K));
     for (int64_t i = 0; i < (int64_t)n * K; i++) {
         int32_t e = s->topk_ids[i];
         if (e >= 0 && e < E && !s->pred_mark[e]) {
@@ -109,6 +109,29 @@ static void predict_next(mf_session *s, int l, int n) {
     experts_prefetch_async(m, ln, s->pred_ids, s->n_pred);
 }
 
+/* The layout of layer l's expert blobs, as moe_experts wants it. */
+static void expert_layout(const mfpack_expert_layer *EL, mf_expert_layout *lay) {
+    for (int p = 0; p < 3; p++) {
+        lay->type[p] = EL->parts[p].type;
+        lay->offset[p] = EL->parts[p].offset;
+    }
+    lay->inter = EL->parts[0].rows;
+    lay->hidden = EL->parts[0].cols;
+}
+
+/* Up to this many tokens the routed experts run as one fused op (moe_experts); a larger
+ * prefill chunk groups tokens per expert so each expert is read once for the chunk. */
+#define FUSED_MAX_TOKENS 8
+
+static void shared_expert(mf_session *s, const layer_weights *lw, int n) {
+    mf_model *m = s->m;
+    mf_backend *be = m->be;
+    int64_t H = m->file.L.hp.hidden;
+    swiglu_mlp(be, &lw->sh_gate, &lw->sh_up, &lw->sh_down, s->h, n, s->big2, s->big3, s->big4);
+    OPS->matmul(be, &lw->sh_gate_w, s->h, n, s->small2);
+    OPS->add_gated(be, s->y, s->big4, s->small2, n, H);
+}
+
 static mf_status moe_block(mf_session *s, int l, int n) {
     mf_model *m = s->m;
     const mf_hparams *hp = &m->file.L.hp;
@@ -116,10 +139,21 @@ static mf_status moe_block(mf_session *s, int l, int n) {
     mf_backend *be = m->be;
     int E = hp->n_experts, K = hp->top_k;
     int64_t H = hp->hidden;
+    const mfpack_expert_layer *EL = mfpack_experts(&m->file.L, l);
+    mf_expert_layout lay;
+    expert_layout(EL, &lay);
     MARK(other);
     OPS->matmul(be, &lw->router, s->h, n, s->small1);
     OPS->router_topk(be, s->small1, n, E, K, hp->norm_topk_prob, s->d_topk_ids, s->d_topk_w);
-    /* the choice comes back to the host: it decides which experts to fetch */
+    /* every expert of the layer in backend memory: the choice never leaves the device */
+    if (n <= FUSED_MAX_TOKENS && m->dcache && dev_cache_layer_resident(m->dcache, l)) {
+        MARK(router);
+        OPS->moe_experts(be, s->h, s->d_topk_ids, s->d_topk_w, n, K, dev_cache_table(m->dcache, l), &lay, s->y);
+        if (lw->has_shared) shared_expert(s, lw, n);
+        MARK(expert_compute);
+        return MF_OK;
+    }
+    /* otherwise the choice comes back to the host: it decides which experts to fetch */
     OPS->download(be, s->topk_ids, s->d_topk_ids, sizeof(int32_t) * (size_t)(n * K));
     OPS->download(be, s->topk_w, s->d_topk_w, sizeof(float) * (size_t)(n * K));
     /* group tokens by expert (counting sort keeps token order within an expert) */
@@ -149,15 +183,35 @@ static mf_status moe_block(mf_session *s, int l, int n) {
         s->prof.predicted_total += (uint64_t)n_used;
     }
     pred_clear(s);
-    OPS->upload(be, s->d_expert_tok, s->expert_tok, sizeof(int32_t) * (size_t)(n * K));
-    OPS->upload(be, s->d_expert_tw, s->expert_tw, sizeof(float) * (size_t)(n * K));
-    OPS->copy(be, s->y, s->zeros, sizeof(float) * (size_t)(n * H));
     MARK(router);
     mf_status st = experts_prefetch(m, l, s->used_ids, n_used, &s->err);
     if (st) return st;
     MARK(expert_wait);
     if (s->predict) predict_next(s, l, n);
-    const mfpack_expert_layer *EL = mfpack_experts(&m->file.L, l);
+    if (n <= FUSED_MAX_TOKENS) {
+        /* pin every chosen expert, hand the table to the fused op, unpin */
+        int got = 0;
+        for (; got < n_used && !st; got++) {
+            const void *blob;
+            st = experts_get(m, l, s->used_ids[got], &blob, &s->err);
+            s->blob_host[s->used_ids[got]] = blob;
+            if (st) break;
+        }
+        if (!st) {
+            MARK(expert_wait);
+            OPS->upload(be, s->d_blob_table, s->blob_host, sizeof(void *) * (size_t)E);
+            OPS->moe_experts(be, s->h, s->d_topk_ids, s->d_topk_w, n, K, s->d_blob_table, &lay, s->y);
+            if (lw->has_shared) shared_expert(s, lw, n);
+        }
+        /* releasing is safe before the op ran: a blob's slot is only refilled by an upload
+         * queued after it on the same stream */
+        for (int u = 0; u < got; u++) experts_release(m, l, s->used_ids[u]);
+        MARK(expert_compute);
+        return st;
+    }
+    OPS->upload(be, s->d_expert_tok, s->expert_tok, sizeof(int32_t) * (size_t)(n * K));
+    OPS->upload(be, s->d_expert_tw, s->expert_tw, sizeof(float) * (size_t)(n * K));
+    OPS->copy(be, s->y, s->zeros, sizeof(float) * (size_t)(n * H));
     for (int u = 0; u < n_used; u++) {
         int e = s->used_ids[u];
         const void *blob;
@@ -179,11 +233,7 @@ static mf_status moe_block(mf_session *s, int l, int n) {
         OPS->scatter_add(be, s->y, s->big4, toks, tw, cnt, H);
         experts_release(m, l, e);
     }
-    if (lw->has_shared) {
-        swiglu_mlp(be, &lw->sh_gate, &lw->sh_up, &lw->sh_down, s->h, n, s->big2, s->big3, s->big4);
-        OPS->matmul(be, &lw->sh_gate_w, s->h, n, s->small2);
-        OPS->add_gated(be, s->y, s->big4, s->small2, n, H);
-    }
+    if (lw->has_shared) shared_expert(s, lw, n);
     MARK(expert_compute);
     return MF_OK;
 }

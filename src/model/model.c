@@ -52,6 +52,17 @@ static void unload(mf_model *m) {
 
 int mf_cuda_available(void) { return cuda_backend_available(); }
 
+/* Host expert slots in page-locked memory, so a GPU copies them at full PCIe speed. */
+static void *slot_alloc(void *user, size_t bytes) {
+    mf_backend *be = user;
+    return be->ops->host_alloc(be, bytes);
+}
+
+static void slot_free(void *user, void *p) {
+    mf_backend *be = user;
+    be->ops->host_free(be, p);
+}
+
 mf_status mf_model_load(mf_model *m, const mf_engine_options *o) {
     if (!m || !m->open) return MF_ERR_ARG;
     if (m->loaded) return err_set(&m->err, MF_ERR_ARG, "model already loaded");
@@ -80,6 +91,11 @@ mf_status mf_model_load(mf_model *m, const mf_engine_options *o) {
     }
     if (m->opt.io_threads > 0) so.io_threads = m->opt.io_threads;
     so.o_direct = m->opt.o_direct;
+    if (!m->be->ops->host_memory && m->be->ops->host_alloc) {
+        so.slot_alloc = slot_alloc;
+        so.slot_free = slot_free;
+        so.slot_user = m->be;
+    }
     st = expert_store_open(&m->store, &m->file, &so, &m->err);
     if (!st && !m->be->ops->host_memory) {
         uint64_t budget = m->opt.gpu_cache_bytes;
@@ -89,6 +105,8 @@ mf_status mf_model_load(mf_model *m, const mf_engine_options *o) {
             budget = free_b > reserve ? free_b - reserve : 0;
         }
         st = dev_cache_open(&m->dcache, m->be, m->store, &m->file.L, budget, &m->err);
+        /* when every expert fits, load them all now: decoding then never waits on the host */
+        if (!st && !m->opt.no_preload && dev_cache_holds_all(m->dcache)) st = dev_cache_preload(m->dcache, &m->err);
     }
     if (st) {
         unload(m);

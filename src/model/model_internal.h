@@ -81,6 +81,10 @@ struct mf_session {
     uint8_t *pred_mark;        /* [n_experts] */
     int n_pred, pred_layer;    /* pred_layer -1: no prediction pending */
     int predict;               /* next-layer prediction on */
+    const void **blob_host;    /* [n_experts] blob pointers of the current layer (host copy) */
+    const void **d_blob_table; /* backend memory [n_experts] */
+    int32_t *d_pred_ids;       /* backend memory [chunk][top_k] the next layer's predicted choice */
+    float *d_pred_w;           /* backend memory [chunk][top_k] */
 };
 
 /* Profiling: closes the current phase (waiting for the backend first) and charges it to *acc. */

@@ -78,7 +78,7 @@ void mf_session_free(mf_session *s) {
         }
         void *dev[] = {s->d_tokens, s->d_positions, s->x, s->h, s->y, s->zeros, s->big1, s->big2, s->big3,
                        s->big4, s->big5, s->big6, s->small1, s->small2, s->small3, s->small4, s->d_topk_ids,
-                       s->d_topk_w, s->d_expert_tok, s->d_expert_tw, s->d_logits};
+                       s->d_topk_w, s->d_expert_tok, s->d_expert_tw, s->d_logits, (void *)s->d_blob_table, s->d_pred_ids, s->d_pred_w};
         for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++) be->ops->free(be, dev[i]);
     }
     free(s->k_cache);
@@ -87,7 +87,8 @@ void mf_session_free(mf_session *s) {
     free(s->rec_state);
     for (int i = 0; i < SESSION_SNAPSHOTS; i++) free(s->snaps[i].data);
     void *bufs[] = {s->tokens, s->positions, s->topk_ids, s->topk_w, s->expert_count, s->expert_tok,
-                    s->expert_tw, s->expert_start, s->used_ids, s->lin_host, s->pred_ids, s->pred_mark};
+                    s->expert_tw, s->expert_start, s->used_ids, s->lin_host, s->pred_ids, s->pred_mark,
+                    (void *)s->blob_host};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
     free(s);
 }
@@ -136,6 +137,7 @@ mf_status mf_session_new(mf_model *m, const mf_session_options *o, mf_session **
     s->pred_mark = zalloc((size_t)hp->n_experts, &ok);
     s->pred_layer = -1;
     s->predict = !o->no_predict;
+    s->blob_host = zalloc(sizeof(void *) * (size_t)hp->n_experts, &ok);
     s->k_cache = zalloc(sizeof(float *) * (size_t)L, &ok);
     s->v_cache = zalloc(sizeof(float *) * (size_t)L, &ok);
     s->conv_state = zalloc(sizeof(float *) * (size_t)L, &ok);
@@ -153,6 +155,9 @@ mf_status mf_session_new(mf_model *m, const mf_session_options *o, mf_session **
     s->d_topk_w = balloc(s, f * (size_t)(T * K), &ok);
     s->d_expert_tok = balloc(s, sizeof(int32_t) * (size_t)(T * K), &ok);
     s->d_expert_tw = balloc(s, f * (size_t)(T * K), &ok);
+    s->d_blob_table = balloc(s, sizeof(void *) * (size_t)hp->n_experts, &ok);
+    s->d_pred_ids = balloc(s, sizeof(int32_t) * (size_t)(T * K), &ok);
+    s->d_pred_w = balloc(s, f * (size_t)(T * K), &ok);
     if (!m->be->ops->host_memory) s->d_logits = balloc(s, f * (size_t)T * (size_t)hp->vocab, &ok);
     for (int l = 0; ok && l < L; l++) {
         if (hp->layer_kind[l] == MF_LAYER_FULL_ATTENTION) {
@@ -174,7 +179,7 @@ mf_status mf_session_new(mf_model *m, const mf_session_options *o, mf_session **
     if (!ok)
         return err_set(&s->err, MF_ERR_NOMEM, "session: out of %s memory (context %d)", m->be->ops->name, s->max_ctx);
     mf_backend_limits lim = {s->max_ctx, s->chunk, hp->lin_k_dim > hp->lin_v_dim ? hp->lin_k_dim : hp->lin_v_dim,
-                             hp->n_experts};
+                             hp->n_experts, hp->top_k, hp->moe_inter};
     if (m->be->ops->reserve(m->be, &lim) != MF_OK)
         return err_set(&s->err, MF_ERR_NOMEM, "session: out of memory for backend scratch (context %d)", s->max_ctx);
     return MF_OK;
