@@ -284,6 +284,17 @@ Test(engine, expert_cache_of_one_expert) {
     float *lb = eval_all(b, one.r.prompt, one.r.n_prompt, one.V);
     cr_assert(!memcmp(la, lb, sizeof(float) * (size_t)big.r.n_prompt * big.V),
               "a one-expert cache must give identical logits");
+    /* decode steps too (one token at a time takes the fused expert path when it fits) */
+    float *da = malloc(sizeof(float) * (size_t)big.V), *db = malloc(sizeof(float) * (size_t)big.V);
+    for (int i = 0; i < 4; i++) {
+        int32_t tok = big.r.greedy[i];
+        cr_assert_eq(mf_session_eval(a, &tok, 1, da, 0), MF_OK, "%s", mf_session_error(a));
+        cr_assert_eq(mf_session_eval(b, &tok, 1, db, 0), MF_OK, "%s", mf_session_error(b));
+        double d = max_diff(da, db, big.V);
+        cr_assert_leq(d, 1e-4, "decode step %d: one-expert cache differs by %g", i, d);
+    }
+    free(da);
+    free(db);
     mf_expert_stats st;
     mf_model_expert_stats(one.m, &st);
     cr_assert_gt(st.evictions, 0, "a one-expert cache must evict");

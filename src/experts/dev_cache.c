@@ -208,6 +208,8 @@ void dev_cache_release(dev_cache *c, int layer, int32_t id) {
     if (i >= 0 && c->slots[i].pins > 0) c->slots[i].pins--;
 }
 
+int dev_cache_slots(const dev_cache *c) { return c->n_slots; }
+
 int dev_cache_holds_all(const dev_cache *c) {
     uint64_t need = 0;
     for (int i = 0; i < c->L->n_expert_layers; i++) need += (uint64_t)c->L->expert_layers[i].count;

@@ -27,6 +27,8 @@ mf_status dev_cache_prefetch(dev_cache *c, int layer, const int32_t *ids, int n,
 /* Backend pointer to the blob of (layer, id), pinned until dev_cache_release. */
 mf_status dev_cache_get(dev_cache *c, int layer, int32_t id, const void **blob, mf_err *err);
 void dev_cache_release(dev_cache *c, int layer, int32_t id);
+/* How many blobs the cache can hold at once. */
+int dev_cache_slots(const dev_cache *c);
 /* Whether the budget holds every expert of the file. */
 int dev_cache_holds_all(const dev_cache *c);
 /* Loads every expert (when dev_cache_holds_all), layer by layer in parallel reads. */

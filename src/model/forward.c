@@ -188,7 +188,7 @@ static mf_status moe_block(mf_session *s, int l, int n) {
     if (st) return st;
     MARK(expert_wait);
     if (s->predict) predict_next(s, l, n);
-    if (n <= FUSED_MAX_TOKENS) {
+    if (n <= FUSED_MAX_TOKENS && n_used <= experts_capacity(m)) {
         /* pin every chosen expert, hand the table to the fused op, unpin */
         int got = 0;
         for (; got < n_used && !st; got++) {

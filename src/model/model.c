@@ -126,6 +126,15 @@ mf_status experts_get(mf_model *m, int layer, int32_t id, const void **blob, mf_
     return expert_store_get(m->store, layer, id, blob, err);
 }
 
+int experts_capacity(const mf_model *m) {
+    expert_stats st;
+    expert_store_stats(m->store, &st);
+    uint64_t host = st.slot_bytes ? st.budget_bytes / st.slot_bytes : 1;
+    int cap = host > (uint64_t)1 << 30 ? 1 << 30 : (int)host;
+    if (m->dcache && dev_cache_slots(m->dcache) < cap) cap = dev_cache_slots(m->dcache);
+    return cap;
+}
+
 void experts_prefetch_async(mf_model *m, int layer, const int32_t *ids, int n) {
     /* the host tier reads in the background; the device tier uploads when the layer runs */
     mf_err ignored;
@@ -150,8 +159,10 @@ mf_status mf_model_bandwidth(mf_model *m, double *device_gbps, double *upload_gb
     mf_backend *be = m->be;
     size_t bytes = (size_t)256 << 20;
     void *a = be->ops->alloc(be, bytes), *b = be->ops->alloc(be, bytes);
-    char *host = NULL;
-    if (!host && posix_memalign((void **)&host, 4096, bytes)) host = NULL;
+    /* the upload path experts take: from the store's slots (page-locked on a GPU) */
+    int pinned = !be->ops->host_memory && be->ops->host_alloc;
+    char *host = pinned ? be->ops->host_alloc(be, bytes) : NULL;
+    if (!pinned && posix_memalign((void **)&host, 4096, bytes)) host = NULL;
     mf_status st = MF_OK;
     if (!a || !b || !host) {
         st = err_set(&m->err, MF_ERR_NOMEM, "bandwidth: cannot allocate 2 x %zu MB", bytes >> 20);
@@ -172,7 +183,8 @@ mf_status mf_model_bandwidth(mf_model *m, double *device_gbps, double *upload_gb
     }
     if (a) be->ops->free(be, a);
     if (b) be->ops->free(be, b);
-    free(host);
+    if (pinned && host) be->ops->host_free(be, host);
+    else free(host);
     return st;
 }
 

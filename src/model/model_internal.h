@@ -27,6 +27,8 @@ struct mf_model {
 mf_status experts_prefetch(mf_model *m, int layer, const int32_t *ids, int n, mf_err *err);
 mf_status experts_get(mf_model *m, int layer, int32_t id, const void **blob, mf_err *err);
 void experts_release(mf_model *m, int layer, int32_t id);
+/* How many experts the tiers can hold pinned at once (the smallest tier's slot count). */
+int experts_capacity(const mf_model *m);
 /* Starts fetching experts a coming layer will probably use; returns at once. */
 void experts_prefetch_async(mf_model *m, int layer, const int32_t *ids, int n);
 
