@@ -483,6 +483,23 @@ static void convo_reset(convo *c, const char *system) {
     if (system) convo_add(c, "system", system);
 }
 
+/* Lists the tool calls an answer makes (<tool_call> JSON </tool_call>, as Qwen writes them, or
+ * <function=NAME> blocks, as Qwen3.5 does), so they read as calls rather than text. */
+static void show_tool_calls(const char *text) {
+    const char *p = text;
+    int n = 0;
+    while ((p = strstr(p, "<tool_call>"))) {
+        p += strlen("<tool_call>");
+        const char *end = strstr(p, "</tool_call>");
+        size_t len = end ? (size_t)(end - p) : strlen(p);
+        while (len && (*p == '\n' || *p == ' ')) p++, len--;
+        while (len && (p[len - 1] == '\n' || p[len - 1] == ' ')) len--;
+        fprintf(stderr, "%s[tool call %d] %.*s%s", n ? "\n" : "\n\n", ++n, (int)len, p, end ? "" : " (unterminated)");
+        if (!end) break;
+        p = end;
+    }
+}
+
 int cmd_chat(int argc, char **argv) {
     gen_opts g;
     gen_defaults(&g);
@@ -605,7 +622,7 @@ int cmd_chat(int argc, char **argv) {
         double prompt_s = now_s() - t0;
         gen_result r;
         if (generate(&e, &g, &r, "chat")) break;
-        if (strstr(r.text, "<tool_call>")) fprintf(stderr, "\n[the answer holds a tool call]");
+        show_tool_calls(r.text);
         summary(&e, evaluated, prompt_s, &r);
         if (convo_add(&c, "assistant", r.text)) {
             free(r.text);
