@@ -494,7 +494,8 @@ static void show_tool_calls(const char *text) {
         size_t len = end ? (size_t)(end - p) : strlen(p);
         while (len && (*p == '\n' || *p == ' ')) p++, len--;
         while (len && (p[len - 1] == '\n' || p[len - 1] == ' ')) len--;
-        fprintf(stderr, "%s[tool call %d] %.*s%s", n ? "\n" : "\n\n", ++n, (int)len, p, end ? "" : " (unterminated)");
+        n++;
+        fprintf(stderr, "%s[tool call %d] %.*s%s", n > 1 ? "\n" : "\n\n", n, (int)len, p, end ? "" : " (unterminated)");
         if (!end) break;
         p = end;
     }
