@@ -114,6 +114,17 @@ static int parse_common(gen_opts *g, int argc, char **argv, int i, const char *c
         g->template_file = v;
         return 2;
     }
+    if (!strcmp(a, "--gpu-cache-gb")) {
+        NEED_VAL;
+        double gb = strtod(v, &end);
+        if (*end || !(gb >= 0)) {
+            fprintf(stderr, "moeflux %s: --gpu-cache-gb needs a size in GB, not '%s'\n", cmd, v);
+            return -1;
+        }
+        g->eo.gpu_cache_bytes = gb > 0 ? (uint64_t)(gb * 1e9) : 1;
+        return 2;
+    }
+    if (!strcmp(a, "--cuda")) return (g->eo.use_cuda = 1);
     if (!strcmp(a, "--ignore-eos")) return (g->ignore_eos = 1);
     if (!strcmp(a, "--think")) return (g->think = 1);
     if (!strcmp(a, "--no-think")) return (g->think = 0) + 1;
@@ -371,7 +382,8 @@ static void usage_run(void) {
             "usage: moeflux run MODEL -p PROMPT [-n N] [--chat] [--system S] [--think|--no-think]\n"
             "       [--temp T] [--top-k K] [--top-p P] [--min-p P] [--repeat-penalty R] [--repeat-last-n N]\n"
             "       [--presence-penalty P] [--frequency-penalty F] [--seed S] [--stop STR]... [--ignore-eos]\n"
-            "       [--ctx N] [--threads N] [--expert-cache-mb N] [--chat-template-file F]\n");
+            "       [--ctx N] [--threads N] [--expert-cache-mb N] [--cuda] [--gpu-cache-gb G]\n"
+            "       [--chat-template-file F]\n");
 }
 
 int cmd_run(int argc, char **argv) {
