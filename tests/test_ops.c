@@ -774,3 +774,16 @@ Test(ops, host_alloc) {
         }
     be[PATH_FAST]->ops->host_free(be[PATH_FAST], NULL);
 }
+
+Test(ops, upload_async) {
+    /* on the CPU an asynchronous upload is a copy: done on return, the fence has nothing to do */
+    for (int p = 0; p < N_PATHS; p++) {
+        unsigned char src[300], dst[300];
+        for (int i = 0; i < 300; i++) src[i] = (unsigned char)(i * 3 + p), dst[i] = 0;
+        uint64_t t = be[p]->ops->upload_async(be[p], dst, src, sizeof src);
+        cr_assert(be[p]->ops->upload_done(be[p], t), "upload_async not done on return");
+        be[p]->ops->upload_fence(be[p]);
+        cr_assert(!memcmp(dst, src, sizeof src), "upload_async did not copy");
+        be[p]->ops->upload_async(be[p], dst, src, 0); /* nothing to copy */
+    }
+}

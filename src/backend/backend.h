@@ -132,6 +132,20 @@ typedef struct mf_backend_ops {
      * the CPU returns ordinary aligned memory. */
     void *(*host_alloc)(mf_backend *b, size_t bytes);
     void (*host_free)(mf_backend *b, void *p);
+
+    /* ---- asynchronous uploads (experts) ---- */
+    /* host -> backend on a copy stream of its own, so it overlaps compute: src must stay
+     * unchanged until upload_done says the ticket finished (a pageable src is copied at once, as
+     * upload does, and its ticket is done on return). The copy starts after every op issued
+     * before it (dst may be memory those ops still read); ops issued later see the bytes only
+     * after upload_fence. Returns a ticket (0: already done). */
+    uint64_t (*upload_async)(mf_backend *b, void *dst, const void *src, size_t bytes);
+    /* Nonzero once the copy of ticket has finished (src may then be reused). Never blocks. */
+    int (*upload_done)(mf_backend *b, uint64_t ticket);
+    /* Ops issued after this see every upload_async issued before it; the host does not wait.
+     * sync implies it (and waits for every upload), so does an upload from page-locked memory;
+     * download and other uploads do not. */
+    void (*upload_fence)(mf_backend *b);
 } mf_backend_ops;
 
 struct mf_backend {

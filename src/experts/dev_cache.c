@@ -1,6 +1,7 @@
 /* dev_cache.c - expert blobs in backend memory: slots allocated lazily up to the budget, an
  * index (layer, expert) -> slot, least recently used eviction of unpinned slots; misses come
- * from the host expert store and are uploaded. Not thread-safe: the forward pass calls it. */
+ * from the host expert store and uploaded on the backend's copy stream (upload_async), their
+ * host blobs pinned until the copy finished; dev_cache_get fences. Not thread-safe: the forward pass calls it. */
 #include "experts/dev_cache.h"
 
 #include <stdlib.h>
@@ -29,6 +30,9 @@ struct dev_cache {
     void **table;       /* backend memory [n_layers][max_experts]: blob pointers or NULL */
     uint64_t clock;
     dev_cache_stats st;
+    /* host blobs whose upload_async is in flight: kept pinned in the store until it finishes */
+    struct pending { int layer; int32_t id; uint64_t ticket; } *pend;
+    int n_pend, cap_pend;
 };
 
 static double now_s(void) {
@@ -77,8 +81,25 @@ mf_status dev_cache_open(dev_cache **out, mf_backend *be, expert_store *host, co
     return MF_OK;
 }
 
+/* Releases the host blobs whose uploads have finished (all of them when wait: after a sync). */
+static void release_uploaded(dev_cache *c, int wait) {
+    if (!c->n_pend) return;
+    if (wait) c->be->ops->sync(c->be);
+    for (int k = 0; k < c->n_pend;) {
+        struct pending *p = &c->pend[k];
+        if (wait || c->be->ops->upload_done(c->be, p->ticket)) {
+            expert_store_release(c->host, p->layer, p->id);
+            *p = c->pend[--c->n_pend];
+        } else {
+            k++;
+        }
+    }
+}
+
 void dev_cache_close(dev_cache *c) {
     if (!c) return;
+    release_uploaded(c, 1);
+    free(c->pend);
     for (int i = 0; c->slots && i < c->n_alloc; i++) c->be->ops->free(c->be, c->slots[i].mem);
     free(c->slots);
     free(c->index);
@@ -135,17 +156,36 @@ static int find_slot(dev_cache *c, int layer, const int32_t *keep, int n_keep) {
     return best;
 }
 
-/* Uploads (layer, id) into slot i. */
+/* Starts the upload of (layer, id) into slot i on the backend's copy stream; the host blob
+ * stays pinned until the copy finished (release_uploaded). Readers wait for it through
+ * upload_fence (dev_cache_get). */
 static mf_status fill(dev_cache *c, int i, int layer, int32_t id, mf_err *err) {
     const void *hb;
     mf_status st = expert_store_get(c->host, layer, id, &hb, err);
+    if (st == MF_ERR_NOMEM && c->n_pend) {
+        /* the store's slots are held by uploads in flight: let them finish */
+        release_uploaded(c, 1);
+        st = expert_store_get(c->host, layer, id, &hb, err);
+    }
     if (st) return st;
     const mfpack_expert_layer *E = &c->L->expert_layers[c->layer_row[layer]];
     double t0 = now_s();
-    c->be->ops->upload(c->be, c->slots[i].mem, hb, E->stride);
+    uint64_t ticket = c->be->ops->upload_async(c->be, c->slots[i].mem, hb, E->stride);
     c->st.upload_seconds += now_s() - t0;
     c->st.bytes_uploaded += E->stride;
-    expert_store_release(c->host, layer, id);
+    if (ticket && c->n_pend == c->cap_pend) {
+        int cap = c->cap_pend ? 2 * c->cap_pend : 64;
+        void *np = realloc(c->pend, sizeof *c->pend * (size_t)cap);
+        if (np) {
+            c->pend = np;
+            c->cap_pend = cap;
+        } else {
+            c->be->ops->sync(c->be); /* no room to remember it: wait for it instead */
+            ticket = 0;
+        }
+    }
+    if (ticket) c->pend[c->n_pend++] = (struct pending){layer, id, ticket};
+    else expert_store_release(c->host, layer, id);
     slot *s = &c->slots[i];
     s->layer = layer;
     s->id = id;
@@ -161,6 +201,7 @@ static mf_status fill(dev_cache *c, int i, int layer, int32_t id, mf_err *err) {
 
 mf_status dev_cache_prefetch(dev_cache *c, int layer, const int32_t *ids, int n, mf_err *err) {
     mf_status st;
+    release_uploaded(c, 0);
     /* the host tier reads the missing ones in parallel first */
     int32_t missing[1024];
     int nm = 0;
@@ -184,6 +225,7 @@ mf_status dev_cache_prefetch(dev_cache *c, int layer, const int32_t *ids, int n,
 mf_status dev_cache_get(dev_cache *c, int layer, int32_t id, const void **blob, mf_err *err) {
     mf_status st = check(c, layer, id, err);
     if (st) return st;
+    release_uploaded(c, 0);
     int i = c->index[(size_t)layer * c->max_experts + id];
     if (i >= 0) {
         if (c->slots[i].last_use) c->st.hits++;
@@ -199,6 +241,7 @@ mf_status dev_cache_get(dev_cache *c, int layer, int32_t id, const void **blob, 
     s->pins++;
     s->last_use = ++c->clock;
     *blob = s->mem;
+    c->be->ops->upload_fence(c->be); /* ops issued from now on see its bytes */
     return MF_OK;
 }
 
@@ -228,6 +271,7 @@ mf_status dev_cache_preload(dev_cache *c, mf_err *err) {
             if (st) return st;
         }
     }
+    release_uploaded(c, 1); /* every blob on the device (and fenced): free the host slots */
     dev_cache_reset_stats(c);
     return MF_OK;
 }
@@ -238,6 +282,7 @@ int dev_cache_layer_resident(const dev_cache *c, int layer) {
 }
 
 const void *const *dev_cache_table(const dev_cache *c, int layer) {
+    c->be->ops->upload_fence(c->be); /* the ops that read the table see the blobs' bytes */
     return (const void *const *)(c->table + (size_t)layer * c->max_experts);
 }
 

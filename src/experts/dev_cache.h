@@ -22,9 +22,11 @@ typedef struct dev_cache_stats {
 mf_status dev_cache_open(dev_cache **out, mf_backend *be, expert_store *host, const mfpack_layout *L,
                          uint64_t budget_bytes, mf_err *err);
 void dev_cache_close(dev_cache *c);
-/* Makes as many of ids[0..n) of layer resident as fit (best effort, like the store's). */
+/* Makes as many of ids[0..n) of layer resident as fit (best effort, like the store's). The
+ * uploads may still be running when it returns; dev_cache_get fences them. */
 mf_status dev_cache_prefetch(dev_cache *c, int layer, const int32_t *ids, int n, mf_err *err);
-/* Backend pointer to the blob of (layer, id), pinned until dev_cache_release. */
+/* Backend pointer to the blob of (layer, id), pinned until dev_cache_release. Backend ops
+ * issued after it see every blob uploaded so far (upload_fence), so also the table's. */
 mf_status dev_cache_get(dev_cache *c, int layer, int32_t id, const void **blob, mf_err *err);
 void dev_cache_release(dev_cache *c, int layer, int32_t id);
 /* How many blobs the cache can hold at once. */
@@ -36,7 +38,7 @@ mf_status dev_cache_preload(dev_cache *c, mf_err *err);
 /* Whether every expert of layer is resident now (then its table entries are all set). */
 int dev_cache_layer_resident(const dev_cache *c, int layer);
 /* The layer's table in backend memory: [n_experts] backend pointers to resident blobs (NULL
- * for absent experts), kept up to date as blobs come and go. */
+ * for absent experts), kept up to date as blobs come and go. Fences like dev_cache_get. */
 const void *const *dev_cache_table(const dev_cache *c, int layer);
 void dev_cache_stats_get(const dev_cache *c, dev_cache_stats *st);
 void dev_cache_reset_stats(dev_cache *c);

@@ -967,3 +967,84 @@ Test(cuda, moe_experts_refused) {
     const char *e = cuda_backend_last_error(gpu);
     cr_assert(e && strstr(e, "moe_experts"), "no sticky error: %s", e ? e : "(none)");
 }
+
+/* ---- asynchronous uploads ---- */
+
+/* Spins until ticket t is done (it must be, within seconds). */
+static void wait_done(uint64_t t) {
+    for (long i = 0; !gpu->ops->upload_done(gpu, t); i++) cr_assert(i < 200000000L, "ticket %llu never done",
+                                                                      (unsigned long long)t);
+}
+
+Test(cuda, upload_async) {
+    enum { N = 4 << 20 }; /* floats: 16 MB a copy, long enough for races to show */
+    float *ha = gpu->ops->host_alloc(gpu, sizeof(float) * N), *hb = gpu->ops->host_alloc(gpu, sizeof(float) * N);
+    float *back = malloc(sizeof(float) * N), *pageable = malloc(sizeof(float) * 1000);
+    cr_assert(ha && hb && back && pageable);
+    float *d = gpu->ops->alloc(gpu, sizeof(float) * N), *dy = gpu->ops->alloc(gpu, sizeof(float) * N);
+    float *dz = gpu->ops->alloc(gpu, sizeof(float) * N);
+    cr_assert(d && dy && dz);
+    for (int i = 0; i < N; i++) ha[i] = (float)(i % 1000), hb[i] = (float)(i % 777) + 0.5f;
+
+    /* overwrite order: the later upload to the same destination wins */
+    uint64_t t1 = gpu->ops->upload_async(gpu, d, ha, sizeof(float) * N);
+    uint64_t t2 = gpu->ops->upload_async(gpu, d, hb, sizeof(float) * N);
+    cr_assert(t1 && t2 && t2 != t1, "tickets %llu %llu", (unsigned long long)t1, (unsigned long long)t2);
+    /* fence: a kernel issued after it sees the bytes (dy = 0 + d), the host never waited */
+    gpu->ops->upload_fence(gpu);
+    gpu->ops->add(gpu, dy, d, N);
+    gpu->ops->download(gpu, back, dy, sizeof(float) * N);
+    no_cuda_error();
+    for (int i = 0; i < N; i++) cr_assert(back[i] == (float)(i % 777) + 0.5f, "after the fence, element %d is %g", i, back[i]);
+    wait_done(t2);
+    cr_assert(gpu->ops->upload_done(gpu, t1), "an earlier ticket is not done after a later one");
+
+    /* a destination the compute stream still reads: the upload starts after that read */
+    gpu->ops->copy(gpu, dz, d, sizeof(float) * N);       /* dz = hb's values */
+    gpu->ops->add(gpu, dz, d, N);                         /* dz = 2 x hb's values */
+    uint64_t t3 = gpu->ops->upload_async(gpu, d, ha, sizeof(float) * N);
+    gpu->ops->upload_fence(gpu);
+    gpu->ops->add(gpu, dz, d, N);                         /* + ha's values */
+    gpu->ops->download(gpu, back, dz, sizeof(float) * N);
+    no_cuda_error();
+    for (int i = 0; i < N; i++)
+        cr_assert(back[i] == 2.0f * ((float)(i % 777) + 0.5f) + (float)(i % 1000), "reuse: element %d is %g", i,
+                  back[i]);
+    wait_done(t3);
+    /* once done, the source may change: the device keeps what was copied */
+    memset(ha, 0, sizeof(float) * N);
+    gpu->ops->download(gpu, back, d, sizeof(float) * N);
+    for (int i = 0; i < N; i++) cr_assert(back[i] == (float)(i % 1000), "after done, element %d is %g", i, back[i]);
+
+    /* many small uploads wrap the ticket ring; each lands where it was sent */
+    uint64_t last = 0;
+    for (int k = 0; k < 700; k++) {
+        hb[k * 1000] = (float)(k + 1);
+        uint64_t t = gpu->ops->upload_async(gpu, d + k * 1000, hb + k * 1000, sizeof(float) * 1000);
+        cr_assert(t > last, "tickets must grow: %llu after %llu", (unsigned long long)t, (unsigned long long)last);
+        last = t;
+    }
+    gpu->ops->sync(gpu); /* waits for every upload */
+    cr_assert(gpu->ops->upload_done(gpu, last) && gpu->ops->upload_done(gpu, last - 300));
+    gpu->ops->download(gpu, back, d, sizeof(float) * N);
+    for (int k = 0; k < 700; k++)
+        cr_assert(back[k * 1000] == (float)(k + 1) && back[k * 1000 + 999] == hb[k * 1000 + 999], "small upload %d", k);
+
+    /* a pageable source is copied at once: done on return, source free to change */
+    for (int i = 0; i < 1000; i++) pageable[i] = (float)(-i);
+    uint64_t tp = gpu->ops->upload_async(gpu, d, pageable, sizeof(float) * 1000);
+    cr_assert(gpu->ops->upload_done(gpu, tp), "a pageable upload is not done on return");
+    memset(pageable, 0, sizeof(float) * 1000);
+    gpu->ops->upload_fence(gpu);
+    gpu->ops->download(gpu, back, d, sizeof(float) * 1000);
+    for (int i = 0; i < 1000; i++) cr_assert(back[i] == (float)(-i), "pageable upload element %d is %g", i, back[i]);
+    cr_assert(gpu->ops->upload_async(gpu, d, ha, 0) == 0, "an empty upload needs no ticket");
+    no_cuda_error();
+    dev_free(d);
+    dev_free(dy);
+    dev_free(dz);
+    gpu->ops->host_free(gpu, ha);
+    gpu->ops->host_free(gpu, hb);
+    free(back);
+    free(pageable);
+}

@@ -383,6 +383,20 @@ static void cpu_move(mf_backend *b, void *dst, const void *src, size_t bytes) {
 
 static void cpu_sync(mf_backend *b) { (void)b; }
 
+/* Uploads are plain copies here: done on return, nothing to fence. */
+static uint64_t cpu_upload_async(mf_backend *b, void *dst, const void *src, size_t bytes) {
+    cpu_move(b, dst, src, bytes);
+    return 0;
+}
+
+static int cpu_upload_done(mf_backend *b, uint64_t ticket) {
+    (void)b;
+    (void)ticket;
+    return 1;
+}
+
+static void cpu_upload_fence(mf_backend *b) { (void)b; }
+
 static uint64_t cpu_mem_free(mf_backend *b) {
     (void)b;
     return 0;
@@ -610,6 +624,9 @@ static const mf_backend_ops cpu_ops = {
     .moe_experts = cpu_moe_experts,
     .host_alloc = cpu_host_alloc,
     .host_free = cpu_free,
+    .upload_async = cpu_upload_async,
+    .upload_done = cpu_upload_done,
+    .upload_fence = cpu_upload_fence,
 };
 
 mf_backend *cpu_backend_create(int n_threads, int reference) {

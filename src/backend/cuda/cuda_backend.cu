@@ -1,4 +1,4 @@
-/* cuda_backend.cu - the CUDA backend: device choice, one stream, memory (alloc, page-locked host
+/* cuda_backend.cu - the CUDA backend: device choice, a compute stream and a copy stream, memory (alloc, page-locked host
  * memory, copies direct or through pinned staging, scratch), the sticky error and the ops table.
  * Not the kernels (one .cu per op family). */
 #include <stdarg.h>
@@ -37,6 +37,7 @@ static void cb_destroy(mf_backend *b) {
     cuda_backend *c = cb_of(b);
     cudaSetDevice(c->device);
     if (c->stream) cudaStreamSynchronize(c->stream);
+    if (c->copy_stream) cudaStreamSynchronize(c->copy_stream);
     cudaFree(c->scratch);
     cudaFree(c->moe_act);
     free(c->pinned);
@@ -45,6 +46,10 @@ static void cb_destroy(mf_backend *b) {
         if (c->stage[i]) cudaFreeHost(c->stage[i]);
         if (c->stage_done[i]) cudaEventDestroy(c->stage_done[i]);
     }
+    for (int i = 0; i < CB_UP_RING; i++)
+        if (c->up_done[i]) cudaEventDestroy(c->up_done[i]);
+    if (c->compute_mark) cudaEventDestroy(c->compute_mark);
+    if (c->copy_stream) cudaStreamDestroy(c->copy_stream);
     if (c->stream) cudaStreamDestroy(c->stream);
     cudaGetLastError();
     free(c);
@@ -168,16 +173,24 @@ static void cb_host_free(mf_backend *b, void *p) {
  * is synchronized (so the call also waits for the work queued before it). Any other source goes
  * through pinned staging buffers (memcpy, then an async DMA on the stream), so small uploads do
  * not wait for the device; a staging buffer is reused once its previous DMA has finished. */
-static void cb_upload(mf_backend *b, void *dst, const void *src, size_t bytes) {
-    cuda_backend *c = cb_of(b);
-    if (c->failed || !bytes) return;
+/* Whether src is page-locked, so a DMA may read it directly. */
+static int cb_src_direct(cuda_backend *c, const void *src, size_t bytes) {
     int direct = cb_is_pinned(c, src, bytes);
     if (!direct && bytes > 2 * CB_STAGE_BYTES) {
         cudaPointerAttributes a;
         direct = cudaPointerGetAttributes(&a, src) == cudaSuccess && a.type == cudaMemoryTypeHost;
         cudaGetLastError();
     }
-    if (direct) {
+    return direct;
+}
+
+static void cb_upload_fence(mf_backend *b);
+
+static void cb_upload(mf_backend *b, void *dst, const void *src, size_t bytes) {
+    cuda_backend *c = cb_of(b);
+    if (c->failed || !bytes) return;
+    if (cb_src_direct(c, src, bytes)) {
+        cb_upload_fence(b); /* it waits anyway: order it after the async uploads too */
         if (!cb_check(c, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, c->stream), "upload"))
             cb_check(c, cudaStreamSynchronize(c->stream), "upload");
         return;
@@ -197,6 +210,52 @@ static void cb_upload(mf_backend *b, void *dst, const void *src, size_t bytes) {
     }
 }
 
+/* A direct copy on copy_stream after the work issued on stream so far (dst may be a slot that
+ * work still reads); a pageable source goes through upload (staging on stream), done at once. */
+static uint64_t cb_upload_async(mf_backend *b, void *dst, const void *src, size_t bytes) {
+    cuda_backend *c = cb_of(b);
+    if (c->failed || !bytes) return 0;
+    if (!cb_src_direct(c, src, bytes)) {
+        cb_upload(b, dst, src, bytes);
+        return 0;
+    }
+    uint64_t t = c->up_issued + 1;
+    cudaEvent_t ev = c->up_done[t % CB_UP_RING];
+    if (t > CB_UP_RING && t - CB_UP_RING > c->up_floor) {
+        /* the ring wrapped onto a copy still in flight: wait for it (copies finish in order) */
+        if (cb_check(c, cudaEventSynchronize(ev), "upload_async")) return 0;
+        c->up_floor = t - CB_UP_RING;
+    }
+    if (cb_check(c, cudaEventRecord(c->compute_mark, c->stream), "upload_async") ||
+        cb_check(c, cudaStreamWaitEvent(c->copy_stream, c->compute_mark, 0), "upload_async") ||
+        cb_check(c, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, c->copy_stream), "upload_async") ||
+        cb_check(c, cudaEventRecord(ev, c->copy_stream), "upload_async"))
+        return 0;
+    c->up_issued = t;
+    return t;
+}
+
+static int cb_upload_done(mf_backend *b, uint64_t ticket) {
+    cuda_backend *c = cb_of(b);
+    if (c->failed || ticket <= c->up_floor || ticket > c->up_issued) return 1;
+    cudaError_t e = cudaEventQuery(c->up_done[ticket % CB_UP_RING]);
+    if (e == cudaErrorNotReady) {
+        cudaGetLastError();
+        return 0;
+    }
+    if (cb_check(c, e, "upload_done")) return 1;
+    c->up_floor = ticket; /* copy_stream runs in order: every earlier ticket is done too */
+    return 1;
+}
+
+static void cb_upload_fence(mf_backend *b) {
+    cuda_backend *c = cb_of(b);
+    if (c->failed || c->up_fenced >= c->up_issued) return;
+    if (c->up_issued > c->up_floor)
+        cb_check(c, cudaStreamWaitEvent(c->stream, c->up_done[c->up_issued % CB_UP_RING], 0), "upload_fence");
+    c->up_fenced = c->up_issued;
+}
+
 static void cb_download(mf_backend *b, void *dst, const void *src, size_t bytes) {
     cuda_backend *c = cb_of(b);
     if (!bytes) return;
@@ -213,7 +272,9 @@ static void cb_copy(mf_backend *b, void *dst, const void *src, size_t bytes) {
 
 static void cb_sync(mf_backend *b) {
     cuda_backend *c = cb_of(b);
+    cb_upload_fence(b);
     if (!c->failed) cb_check(c, cudaStreamSynchronize(c->stream), "sync");
+    if (!c->failed) c->up_floor = c->up_issued;
 }
 
 static uint64_t cb_mem_free(mf_backend *b) {
@@ -259,6 +320,9 @@ static const mf_backend_ops cuda_ops = {
     /* .moe_experts = */ cuda_op_moe_experts,
     /* .host_alloc = */ cb_host_alloc,
     /* .host_free = */ cb_host_free,
+    /* .upload_async = */ cb_upload_async,
+    /* .upload_done = */ cb_upload_done,
+    /* .upload_fence = */ cb_upload_fence,
 };
 
 extern "C" int cuda_backend_available(void) {
@@ -300,6 +364,10 @@ extern "C" mf_backend *cuda_backend_create(int device, mf_err *err) {
     c->smem_optin = (int)prop.sharedMemPerBlockOptin;
     pthread_mutex_init(&c->pinned_lock, NULL);
     e = cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking);
+    if (e == cudaSuccess) e = cudaStreamCreateWithFlags(&c->copy_stream, cudaStreamNonBlocking);
+    if (e == cudaSuccess) e = cudaEventCreateWithFlags(&c->compute_mark, cudaEventDisableTiming);
+    for (int i = 0; e == cudaSuccess && i < CB_UP_RING; i++)
+        e = cudaEventCreateWithFlags(&c->up_done[i], cudaEventDisableTiming);
     for (int i = 0; e == cudaSuccess && i < CB_STAGE_SLOTS; i++) {
         e = cudaHostAlloc((void **)&c->stage[i], CB_STAGE_BYTES, cudaHostAllocDefault);
         if (e == cudaSuccess) e = cudaEventCreateWithFlags(&c->stage_done[i], cudaEventDisableTiming);

@@ -16,6 +16,7 @@ extern "C" {
 
 #define CB_STAGE_SLOTS 8               /* pinned staging buffers for host -> device copies */
 #define CB_STAGE_BYTES ((size_t)4 << 20)
+#define CB_UP_RING 256               /* events of upload_async tickets in flight */
 
 typedef struct cuda_backend {
     mf_backend base;
@@ -37,6 +38,13 @@ typedef struct cuda_backend {
     cudaEvent_t stage_done[CB_STAGE_SLOTS];
     int stage_busy[CB_STAGE_SLOTS];
     int stage_next;
+    /* upload_async: its own stream; ticket t's completion is up_done[t % CB_UP_RING] */
+    cudaStream_t copy_stream;
+    cudaEvent_t compute_mark;          /* recorded on stream, waited for by copy_stream */
+    cudaEvent_t up_done[CB_UP_RING];
+    uint64_t up_issued;                /* last ticket handed out */
+    uint64_t up_floor;                 /* every ticket <= up_floor has finished */
+    uint64_t up_fenced;                /* last ticket stream waits for */
 } cuda_backend;
 
 static inline cuda_backend *cb_of(mf_backend *b) { return (cuda_backend *)b; }
