@@ -22,6 +22,7 @@ typedef struct cpu_backend {
     float *moe_x, *moe_out, *moe_g, *moe_u;
     uint64_t *moe_key;
     int32_t *moe_pos;
+    int64_t *moe_grp;        /* [pairs + 1] first sorted pair of each expert group */
     int64_t moe_pairs, moe_inter, moe_hidden;
 } cpu_backend;
 
@@ -70,13 +71,14 @@ static mf_status moe_grow(cpu_backend *c, int64_t pairs, int64_t inter, int64_t 
     n.moe_u = malloc(sizeof(float) * (pi ? pi : 1));
     n.moe_key = malloc(sizeof(uint64_t) * (size_t)(pairs ? pairs : 1));
     n.moe_pos = malloc(sizeof(int32_t) * (size_t)(pairs ? pairs : 1));
-    if (!n.moe_x || !n.moe_out || !n.moe_g || !n.moe_u || !n.moe_key || !n.moe_pos) {
+    n.moe_grp = malloc(sizeof(int64_t) * (size_t)(pairs + 1));
+    if (!n.moe_x || !n.moe_out || !n.moe_g || !n.moe_u || !n.moe_key || !n.moe_pos || !n.moe_grp) {
         moe_scratch_free(&n);
         return MF_ERR_NOMEM;
     }
     moe_scratch_free(c);
     c->moe_x = n.moe_x, c->moe_out = n.moe_out, c->moe_g = n.moe_g, c->moe_u = n.moe_u;
-    c->moe_key = n.moe_key, c->moe_pos = n.moe_pos;
+    c->moe_key = n.moe_key, c->moe_pos = n.moe_pos, c->moe_grp = n.moe_grp;
     c->moe_pairs = pairs, c->moe_inter = inter, c->moe_hidden = hidden;
     return MF_OK;
 }
@@ -524,14 +526,35 @@ static void moe_parts(const mf_expert_layout *lay, const void *blob, mf_wmat *ga
 }
 
 /* out [n][hidden] = down(silu(gate x) * up x) for x [n][hidden]; g, u [n][inter] work space. */
-static void moe_swiglu_expert(cpu_backend *c, const mf_expert_layout *lay, const void *blob, const float *x,
-                              int64_t n, float *g, float *u, float *out) {
+static void moe_swiglu_expert(cpu_backend *c, mf_pool *pool, const mf_expert_layout *lay, const void *blob,
+                              const float *x, int64_t n, float *g, float *u, float *out) {
     mf_wmat gate, up, down;
     moe_parts(lay, blob, &gate, &up, &down);
-    cpu_matmul(c->pool, &gate, x, n, g, c->reference);
-    cpu_matmul(c->pool, &up, x, n, u, c->reference);
+    cpu_matmul(pool, &gate, x, n, g, c->reference);
+    cpu_matmul(pool, &up, x, n, u, c->reference);
     for (int64_t i = 0; i < n * lay->inter; i++) g[i] = silu(g[i]) * u[i];
-    cpu_matmul(c->pool, &down, g, n, out, c->reference);
+    cpu_matmul(pool, &down, g, n, out, c->reference);
+}
+
+/* Expert groups run side by side, one per thread (a decode step's experts are too small to
+ * split one over threads). Group k covers sorted pairs [grp[k], grp[k+1]). */
+typedef struct moe_group_job {
+    cpu_backend *c;
+    const mf_expert_layout *lay;
+    const void *const *blobs;
+} moe_group_job;
+
+static void moe_group_run(void *ctx, int64_t begin, int64_t end, int thread) {
+    (void)thread;
+    moe_group_job *j = ctx;
+    cpu_backend *c = j->c;
+    const int64_t H = j->lay->hidden, I = j->lay->inter;
+    for (int64_t k = begin; k < end; k++) {
+        int64_t a = c->moe_grp[k], e = c->moe_grp[k + 1];
+        uint32_t id = (uint32_t)(c->moe_key[a] >> 32);
+        moe_swiglu_expert(c, NULL, j->lay, j->blobs[(int32_t)id], c->moe_x + a * H, e - a, c->moe_g + a * I,
+                          c->moe_u + a * I, c->moe_out + a * H);
+    }
 }
 
 static int key_cmp(const void *a, const void *b) {
@@ -556,12 +579,13 @@ static void cpu_moe_experts(mf_backend *b, const float *x, const int32_t *ids, c
     float *out = c->moe_out; /* [P][H], pair p's output at row moe_pos[p] */
     if (c->reference) {
         for (int64_t p = 0; p < P; p++) {
-            moe_swiglu_expert(c, lay, blobs[ids[p]], x + (p / K) * H, 1, c->moe_g, c->moe_u, out + p * H);
+            moe_swiglu_expert(c, NULL, lay, blobs[ids[p]], x + (p / K) * H, 1, c->moe_g, c->moe_u, out + p * H);
             c->moe_pos[p] = (int32_t)p;
         }
     } else {
         for (int64_t p = 0; p < P; p++) c->moe_key[p] = (uint64_t)(uint32_t)ids[p] << 32 | (uint64_t)p;
         qsort(c->moe_key, (size_t)P, sizeof *c->moe_key, key_cmp);
+        int64_t ng = 0;
         for (int64_t a = 0, e; a < P; a = e) {
             uint32_t id = (uint32_t)(c->moe_key[a] >> 32);
             for (e = a; e < P && (uint32_t)(c->moe_key[e] >> 32) == id; e++) {
@@ -569,7 +593,20 @@ static void cpu_moe_experts(mf_backend *b, const float *x, const int32_t *ids, c
                 c->moe_pos[p] = (int32_t)e;
                 memcpy(c->moe_x + e * H, x + (p / K) * H, sizeof(float) * (size_t)H);
             }
-            moe_swiglu_expert(c, lay, blobs[(int32_t)id], c->moe_x + a * H, e - a, c->moe_g, c->moe_u, out + a * H);
+            c->moe_grp[ng++] = a;
+        }
+        c->moe_grp[ng] = P;
+        /* few tokens: one expert per thread; many: each expert's matmuls split over threads */
+        moe_group_job job = {c, lay, blobs};
+        if (n_tok <= 8 && ng > 1 && pool_size(c->pool) > 1) {
+            pool_for(c->pool, ng, 1, moe_group_run, &job);
+        } else {
+            for (int64_t k = 0; k < ng; k++) {
+                int64_t a = c->moe_grp[k], e = c->moe_grp[k + 1];
+                uint32_t id = (uint32_t)(c->moe_key[a] >> 32);
+                moe_swiglu_expert(c, c->pool, lay, blobs[(int32_t)id], c->moe_x + a * H, e - a, c->moe_g + a * I,
+                                  c->moe_u + a * I, out + a * H);
+            }
         }
     }
     for (int64_t t = 0; t < n_tok; t++) {
