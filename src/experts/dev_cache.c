@@ -253,6 +253,11 @@ void dev_cache_release(dev_cache *c, int layer, int32_t id) {
 
 int dev_cache_slots(const dev_cache *c) { return c->n_slots; }
 
+int dev_cache_has(const dev_cache *c, int layer, int32_t id) {
+    if (layer < 0 || layer >= c->L->hp.n_layers || c->layer_row[layer] < 0 || id < 0 || id >= c->max_experts) return 0;
+    return c->index[(size_t)layer * c->max_experts + id] >= 0;
+}
+
 int dev_cache_holds_all(const dev_cache *c) {
     uint64_t need = 0;
     for (int i = 0; i < c->L->n_expert_layers; i++) need += (uint64_t)c->L->expert_layers[i].count;

@@ -29,6 +29,8 @@ mf_status dev_cache_prefetch(dev_cache *c, int layer, const int32_t *ids, int n,
  * issued after it see every blob uploaded so far (upload_fence), so also the table's. */
 mf_status dev_cache_get(dev_cache *c, int layer, int32_t id, const void **blob, mf_err *err);
 void dev_cache_release(dev_cache *c, int layer, int32_t id);
+/* Whether (layer, id) is resident. */
+int dev_cache_has(const dev_cache *c, int layer, int32_t id);
 /* How many blobs the cache can hold at once. */
 int dev_cache_slots(const dev_cache *c);
 /* Whether the budget holds every expert of the file. */

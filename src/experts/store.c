@@ -678,6 +678,15 @@ mf_status expert_store_get(expert_store *s, int layer, int32_t id, const void **
 }
 
 /* Unlocked: index and pins are written by the caller thread only (see the file comment). */
+int expert_store_is_ready(expert_store *s, int layer, int32_t id) {
+    if (layer < 0 || layer >= s->n_layers || id < 0 || id >= s->layer_count[layer]) return 0;
+    pthread_mutex_lock(&s->mu);
+    int i = s->index[key_of(s, layer, id)];
+    int ready = i >= 0 && s->slot_state[i] == SLOT_READY;
+    pthread_mutex_unlock(&s->mu);
+    return ready;
+}
+
 void expert_store_release(expert_store *s, int layer, int32_t id) {
     if (!s || check_id(s, layer, id, NULL) != MF_OK) return;
     int i = s->index[key_of(s, layer, id)];

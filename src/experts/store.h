@@ -96,6 +96,8 @@ void expert_store_cancel_async(expert_store *s);
  * cut short; a failed async read is reported once, then its slot is freed and the next get reads
  * again), or when every slot is pinned (MF_ERR_NOMEM); the message names the layer and expert. */
 mf_status expert_store_get(expert_store *s, int layer, int32_t id, const void **blob, mf_err *err);
+/* Whether (layer, id) is resident and read (never waits; a bad layer or id is simply 0). */
+int expert_store_is_ready(expert_store *s, int layer, int32_t id);
 /* Drops one pin of (layer, id); a blob that is not pinned is left alone. */
 void expert_store_release(expert_store *s, int layer, int32_t id);
 

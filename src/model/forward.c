@@ -86,7 +86,7 @@ static void pred_clear(mf_session *s) {
 
 /* Applies the next MoE layer's router to this layer's hidden state and starts fetching the
  * experts it picks, so their reads overlap this layer's expert compute. */
-static void predict_next(mf_session *s, int l, int n) {
+static void predict_next(mf_session *s, int l, int n, int to_device) {
     mf_model *m = s->m;
     const mf_hparams *hp = &m->file.L.hp;
     mf_backend *be = m->be;
@@ -106,7 +106,7 @@ static void predict_next(mf_session *s, int l, int n) {
         }
     }
     s->pred_layer = ln;
-    experts_prefetch_async(m, ln, s->pred_ids, s->n_pred);
+    experts_prefetch_async(m, ln, s->pred_ids, s->n_pred, to_device);
 }
 
 /* The layout of layer l's expert blobs, as moe_experts wants it. */
@@ -187,8 +187,9 @@ static mf_status moe_block(mf_session *s, int l, int n) {
     mf_status st = experts_prefetch(m, l, s->used_ids, n_used, &s->err);
     if (st) return st;
     MARK(expert_wait);
-    if (s->predict) predict_next(s, l, n);
-    if (n <= FUSED_MAX_TOKENS && n_used <= experts_capacity(m)) {
+    int fused = n <= FUSED_MAX_TOKENS && n_used <= experts_capacity(m);
+    if (s->predict && !fused) predict_next(s, l, n, 0);
+    if (fused) {
         /* pin every chosen expert, hand the table to the fused op, unpin */
         int got = 0;
         for (; got < n_used && !st; got++) {
@@ -197,6 +198,8 @@ static mf_status moe_block(mf_session *s, int l, int n) {
             s->blob_host[s->used_ids[got]] = blob;
             if (st) break;
         }
+        /* with this layer's experts pinned, the next layer's likely ones may start copying */
+        if (!st && s->predict) predict_next(s, l, n, 1);
         if (!st) {
             MARK(expert_wait);
             OPS->upload(be, s->d_blob_table, s->blob_host, sizeof(void *) * (size_t)E);

@@ -135,10 +135,18 @@ int experts_capacity(const mf_model *m) {
     return cap;
 }
 
-void experts_prefetch_async(mf_model *m, int layer, const int32_t *ids, int n) {
-    /* the host tier reads in the background; the device tier uploads when the layer runs */
+void experts_prefetch_async(mf_model *m, int layer, const int32_t *ids, int n, int to_device) {
+    /* the host tier reads what it lacks in the background */
     mf_err ignored;
     expert_store_prefetch_async(m->store, layer, ids, n, &ignored);
+    if (!m->dcache || !to_device) return;
+    /* the device tier starts copying those already in host RAM (copies run on their own
+     * stream, so this does not wait) */
+    int32_t ready[256];
+    int k = 0;
+    for (int i = 0; i < n && k < 256; i++)
+        if (!dev_cache_has(m->dcache, layer, ids[i]) && expert_store_is_ready(m->store, layer, ids[i])) ready[k++] = ids[i];
+    if (k) dev_cache_prefetch(m->dcache, layer, ready, k, &ignored);
 }
 
 void experts_release(mf_model *m, int layer, int32_t id) {

@@ -30,7 +30,7 @@ void experts_release(mf_model *m, int layer, int32_t id);
 /* How many experts the tiers can hold pinned at once (the smallest tier's slot count). */
 int experts_capacity(const mf_model *m);
 /* Starts fetching experts a coming layer will probably use; returns at once. */
-void experts_prefetch_async(mf_model *m, int layer, const int32_t *ids, int n);
+void experts_prefetch_async(mf_model *m, int layer, const int32_t *ids, int n, int to_device);
 
 /* Linear-attention state at one position, kept so truncation can restore it. */
 typedef struct lin_snapshot {
