@@ -35,6 +35,7 @@ static void moe_scratch_free(cpu_backend *c) {
     free(c->moe_u);
     free(c->moe_key);
     free(c->moe_pos);
+    free(c->moe_grp);
 }
 
 static void cpu_destroy(mf_backend *b) {
