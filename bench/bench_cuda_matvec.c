@@ -47,7 +47,7 @@ static int bench_moe(mf_backend *be, const char *what, int E, int K, int64_t H, 
     const mf_qtype t = MF_QTYPE_Q4;
     const uint64_t part = quant_tensor_bytes(t, I, H), stride = (3 * part + 4095) / 4096 * 4096;
     mf_expert_layout lay = {{t, t, t}, {0, part, 2 * part}, I, H};
-    mf_backend_limits lim = {1, nt, 1, E, K, I};
+    mf_backend_limits lim = {1, nt, 1, E, K, I, H};
     if (be->ops->reserve(be, &lim) != MF_OK) return 1;
     unsigned char *host = malloc(stride);
     void **dblob = calloc((size_t)E, sizeof *dblob);

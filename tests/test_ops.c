@@ -108,7 +108,7 @@ static void backends_new(int64_t max_ctx, int64_t max_tokens, int max_head_dim) 
     be[PATH_FAST] = cpu_backend_create(2, 0);
     be[PATH_REF] = cpu_backend_create(1, 1);
     cr_assert(be[PATH_FAST] && be[PATH_REF], "cannot create the CPU backends");
-    mf_backend_limits lim = {max_ctx, max_tokens, max_head_dim, 0, 0, 0};
+    mf_backend_limits lim = {max_ctx, max_tokens, max_head_dim, 0, 0, 0, 0};
     for (int p = 0; p < N_PATHS; p++)
         cr_assert(be[p]->ops->reserve(be[p], &lim) == MF_OK, "reserve failed");
 }
@@ -701,7 +701,7 @@ Test(ops, moe_experts) {
             rng_seed(700 + ti * 10 + ri);
             moe_blobs mb;
             moe_blobs_make(&mb, typesets[ti], E, H, I);
-            mf_backend_limits lim = {1, 17, 1, E, K, I};
+            mf_backend_limits lim = {1, 17, 1, E, K, I, H};
             for (int p = 0; p < N_PATHS; p++) cr_assert(be[p]->ops->reserve(be[p], &lim) == MF_OK, "reserve failed");
             for (size_t ni = 0; ni < sizeof ntoks / sizeof ntoks[0]; ni++) {
                 int64_t nt = ntoks[ni];

@@ -35,6 +35,7 @@ typedef struct mf_backend_limits {
     int max_experts;    /* router width */
     int max_top_k;      /* experts per token (moe_experts) */
     int64_t max_inter;  /* largest expert intermediate size (moe_experts) */
+    int64_t max_hidden; /* hidden size (moe_experts) */
 } mf_backend_limits;
 
 typedef struct mf_backend_ops {

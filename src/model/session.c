@@ -179,7 +179,7 @@ mf_status mf_session_new(mf_model *m, const mf_session_options *o, mf_session **
     if (!ok)
         return err_set(&s->err, MF_ERR_NOMEM, "session: out of %s memory (context %d)", m->be->ops->name, s->max_ctx);
     mf_backend_limits lim = {s->max_ctx, s->chunk, hp->lin_k_dim > hp->lin_v_dim ? hp->lin_k_dim : hp->lin_v_dim,
-                             hp->n_experts, hp->top_k, hp->moe_inter};
+                             hp->n_experts, hp->top_k, hp->moe_inter, hp->hidden};
     if (m->be->ops->reserve(m->be, &lim) != MF_OK)
         return err_set(&s->err, MF_ERR_NOMEM, "session: out of memory for backend scratch (context %d)", s->max_ctx);
     return MF_OK;

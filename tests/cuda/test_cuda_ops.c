@@ -67,7 +67,7 @@ static void backends_new(int64_t max_ctx, int64_t max_tokens, int max_head_dim, 
     gpu = cuda_backend_create(0, &err);
     cr_assert(cpu, "cannot create the CPU backend");
     cr_assert(gpu, "cannot create the CUDA backend: %s", err.msg);
-    mf_backend_limits lim = {max_ctx, max_tokens, max_head_dim, max_experts, 0, 0};
+    mf_backend_limits lim = {max_ctx, max_tokens, max_head_dim, max_experts, 0, 0, 0};
     cr_assert(cpu->ops->reserve(cpu, &lim) == MF_OK, "CPU reserve failed");
     cr_assert(gpu->ops->reserve(gpu, &lim) == MF_OK, "CUDA reserve failed");
 }
@@ -496,7 +496,7 @@ static double attention_case(int nh, int nkv, int hd, int64_t pos0, int64_t nt, 
     int64_t nq = nt * nh * hd, ncache = n_ctx * nkv * hd, nvalid = n_valid * nkv * hd;
     backends_new(reserved ? n_ctx : 1, nt, 1, 1);
     if (!reserved) { /* the CPU needs its scratch; the GPU runs without any */
-        mf_backend_limits lim = {n_ctx, nt, 1, 1, 0, 0};
+        mf_backend_limits lim = {n_ctx, nt, 1, 1, 0, 0, 0};
         cr_assert(cpu->ops->reserve(cpu, &lim) == MF_OK);
     }
     float *q = hnormal(nq, 0.0, 1.0), *kc = hnormal(ncache, 0.0, 1.0), *vc = hnormal(ncache, 0.0, 1.0);
@@ -856,7 +856,7 @@ static double moe_case(mf_backend *ref, const mf_qtype types[3], int E, int K, i
     moe_host_make(&mh, types, E, H, I);
     int64_t max_nt = 0;
     for (int i = 0; i < n_nt; i++) max_nt = ntoks[i] > max_nt ? ntoks[i] : max_nt;
-    mf_backend_limits lim = {1, max_nt, 1, E, K, I};
+    mf_backend_limits lim = {1, max_nt, 1, E, K, I, H};
     cr_assert(ref->ops->reserve(ref, &lim) == MF_OK && gpu->ops->reserve(gpu, &lim) == MF_OK, "reserve failed");
     unsigned char *stage = pinned ? gpu->ops->host_alloc(gpu, mh.stride) : NULL;
     cr_assert(!pinned || stage, "host_alloc failed");
@@ -959,7 +959,7 @@ Test(cuda, moe_experts_real_dims) {
 
 Test(cuda, moe_experts_refused) {
     /* more pairs than reserve was told: refused with a message, nothing written */
-    mf_backend_limits lim = {1, 2, 1, 8, 2, 64};
+    mf_backend_limits lim = {1, 2, 1, 8, 2, 64, 64};
     cr_assert(gpu->ops->reserve(gpu, &lim) == MF_OK);
     mf_expert_layout lay = {{MF_QTYPE_Q4, MF_QTYPE_Q4, MF_QTYPE_Q4}, {0, 4096, 8192}, 64, 64};
     float *d = dev_floats(NULL, 4 * 64);

@@ -15,10 +15,9 @@ typedef struct cpu_backend {
     int n_threads;
     float *scratch;          /* [n_threads][scratch_floats] per-thread work space */
     size_t scratch_floats;
-    /* moe_experts work space for up to moe_pairs (token, expert) pairs: gate and up
-     * [pairs][moe_inter], sort keys [pairs], where each pair's output landed [pairs] (reserved);
-     * x rows gathered per expert and the outputs, [pairs][moe_hidden] (the limits do not say
-     * hidden, so the first call sizes these two). */
+    /* moe_experts work space for up to moe_pairs (token, expert) pairs, all sized by reserve:
+     * gate and up [pairs][moe_inter], sort keys [pairs], where each pair's output landed
+     * [pairs], x rows gathered per expert and the outputs [pairs][moe_hidden]. */
     float *moe_x, *moe_out, *moe_g, *moe_u;
     uint64_t *moe_key;
     int32_t *moe_pos;
@@ -95,7 +94,7 @@ static mf_status cpu_reserve(mf_backend *b, const mf_backend_limits *lim) {
         c->scratch_floats = need;
     }
     if (lim->max_top_k <= 0 || lim->max_inter <= 0) return MF_OK; /* no moe_experts calls */
-    return moe_grow(c, lim->max_tokens * lim->max_top_k, lim->max_inter, 0);
+    return moe_grow(c, lim->max_tokens * lim->max_top_k, lim->max_inter, lim->max_hidden);
 }
 
 static void cpu_op_matmul(mf_backend *b, const mf_wmat *w, const float *x, int64_t n_tok, float *y) {
@@ -576,7 +575,7 @@ static void cpu_moe_experts(mf_backend *b, const float *x, const int32_t *ids, c
         return;
     }
     if (P > c->moe_pairs || I > c->moe_inter) abort(); /* a caller skipped reserve */
-    if (H > c->moe_hidden && moe_grow(c, 0, 0, H)) abort(); /* once: out of memory */
+    if (H > c->moe_hidden) abort(); /* a caller skipped reserve (max_hidden) */
     float *out = c->moe_out; /* [P][H], pair p's output at row moe_pos[p] */
     if (c->reference) {
         for (int64_t p = 0; p < P; p++) {
