@@ -3,6 +3,8 @@
  * Not a reader of .moeflux files (format/mfpack.c) and not the forward pass. */
 #include <cJSON.h>
 #include <errno.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <fcntl.h>
 #include <libgen.h>
 #include <stdio.h>
@@ -14,9 +16,10 @@
 #include "format/mfpack.h"
 #include "format/quant.h"
 #include "format/safetensors.h"
+#include "core/threadpool.h"
 #include "model/hparams.h"
 
-#define BLOCK_FLOATS (2u << 20) /* f32 values decoded per block: 8 MB */
+#define BLOCK_FLOATS (1u << 20) /* f32 values decoded per block and thread: 4 MB */
 
 /* A source matrix: rows [row0 + map(r)] of a tensor viewed as [rows_total, cols]
  * (cols are logical values; MLX-quantized sources pack them into u32 words). */
@@ -57,8 +60,10 @@ typedef struct conv {
     size_t n_items, cap_items;
     int64_t **maps;          /* row maps owned here */
     size_t n_maps;
-    /* progress */
+    /* progress, and the first error of the writing threads */
     uint64_t done, total;
+    pthread_mutex_t mu;
+    int failed;
 } conv;
 
 void mf_convert_options_init(mf_convert_options *opt) {
@@ -543,14 +548,13 @@ typedef struct wbuf {
     size_t out_cap;
 } wbuf;
 
-static mf_status write_at(conv *c, int fd, const char *path, const void *buf, size_t n, uint64_t off) {
+static mf_status write_at(mf_err *err, int fd, const char *path, const void *buf, size_t n, uint64_t off) {
     const char *p = buf;
     while (n) {
         ssize_t w = pwrite(fd, p, n, (off_t)off);
         if (w < 0 && errno == EINTR) continue;
         if (w <= 0)
-            return err_set(c->err, MF_ERR_IO, "%s: write failed: %s", path,
-                           w < 0 ? strerror(errno) : "disk full");
+            return err_set(err, MF_ERR_IO, "%s: write failed: %s", path, w < 0 ? strerror(errno) : "disk full");
         p += w;
         n -= (size_t)w;
         off += (uint64_t)w;
@@ -559,13 +563,16 @@ static mf_status write_at(conv *c, int fd, const char *path, const void *buf, si
 }
 
 static void progress(conv *c, uint64_t add) {
+    pthread_mutex_lock(&c->mu);
     c->done += add;
     if (c->opt->progress) c->opt->progress(c->opt->progress_user, c->done, c->total);
+    pthread_mutex_unlock(&c->mu);
 }
 
-/* Writes matrix s as type t at absolute offset base (layout of quant_tensor_bytes). */
-static mf_status write_matrix(conv *c, int fd, const char *path, const srcref *s, mf_qtype t,
-                              uint64_t base, wbuf *b) {
+/* Writes rows [r_begin, r_end) of matrix s as type t, the whole matrix living at absolute
+ * offset base (layout of quant_tensor_bytes), in blocks that fit b. */
+static mf_status write_rows(conv *c, mf_err *err, int fd, const char *path, const srcref *s, mf_qtype t,
+                            uint64_t base, int64_t r_begin, int64_t r_end, wbuf *b) {
     int64_t R = s->rows, C = s->cols;
     int64_t B = (int64_t)(BLOCK_FLOATS / (uint64_t)C);
     if (B < 1) B = 1;
@@ -574,8 +581,8 @@ static mf_status write_matrix(conv *c, int fd, const char *path, const srcref *s
     uint64_t scales_base = base + words_row * (uint64_t)R, biases_base = scales_base + groups_row * (uint64_t)R;
     int raw = qb && s->qbits == qb && s->scales->dtype == ST_BF16;
     mf_status st;
-    for (int64_t r0 = 0; r0 < R; r0 += B) {
-        int64_t n = R - r0 < B ? R - r0 : B;
+    for (int64_t r0 = r_begin; r0 < r_end; r0 += B) {
+        int64_t n = r_end - r0 < B ? r_end - r0 : B;
         if (raw) {
             /* MLX bits kept as they are: copy words, scales and biases row by row */
             unsigned char *ow = b->out, *os = ow + words_row * n, *ob = os + groups_row * n;
@@ -592,50 +599,117 @@ static mf_status write_matrix(conv *c, int fd, const char *path, const srcref *s
             unsigned char *ow = b->out, *os = ow + words_row * n, *ob = os + groups_row * n;
             if (!raw)
                 quant_rows(t, b->f, n, C, (uint32_t *)ow, (uint16_t *)os, (uint16_t *)ob);
-            if ((st = write_at(c, fd, path, ow, words_row * n, base + words_row * r0)) ||
-                (st = write_at(c, fd, path, os, groups_row * n, scales_base + groups_row * r0)) ||
-                (st = write_at(c, fd, path, ob, groups_row * n, biases_base + groups_row * r0)))
+            if ((st = write_at(err, fd, path, ow, words_row * n, base + words_row * r0)) ||
+                (st = write_at(err, fd, path, os, groups_row * n, scales_base + groups_row * r0)) ||
+                (st = write_at(err, fd, path, ob, groups_row * n, biases_base + groups_row * r0)))
                 return st;
             progress(c, (words_row + 2 * groups_row) * n);
         } else {
             quant_encode(t, b->f, n, C, b->out);
             uint64_t es = (t == MF_QTYPE_F32 ? 4 : 2) * (uint64_t)C;
-            if ((st = write_at(c, fd, path, b->out, es * n, base + es * r0))) return st;
+            if ((st = write_at(err, fd, path, b->out, es * n, base + es * r0))) return st;
             progress(c, es * n);
         }
     }
     return MF_OK;
 }
 
+/* One piece of work for a writing thread: rows [r0, r0 + n) of plan item `item`. */
+typedef struct unit {
+    size_t item;
+    int64_t r0, n;
+} unit;
+
+typedef struct write_job {
+    conv *c;
+    int fd;
+    const char *path;
+    const unit *units;
+    int64_t n_units;
+    atomic_llong next; /* the next unit to take: threads take units one at a time */
+    wbuf *bufs;     /* [threads] */
+} write_job;
+
+static uint64_t item_base(const conv *c, const plan_item *it) {
+    if (it->tensor >= 0) return c->L.tensors[it->tensor].offset;
+    const mfpack_expert_layer *E = mfpack_experts(&c->L, it->layer);
+    return E->offset + E->stride * (uint64_t)it->expert + E->parts[it->part].offset;
+}
+
+static void write_units(void *ctx, int64_t begin, int64_t end, int thread) {
+    (void)begin;
+    (void)end;
+    write_job *j = ctx;
+    conv *c = j->c;
+    for (int64_t u; (u = atomic_fetch_add(&j->next, 1)) < j->n_units;) {
+        pthread_mutex_lock(&c->mu);
+        int stop = c->failed;
+        pthread_mutex_unlock(&c->mu);
+        if (stop) return;
+        const unit *un = &j->units[u];
+        const plan_item *it = &c->items[un->item];
+        mf_err e;
+        err_clear(&e);
+        mf_status st = write_rows(c, &e, j->fd, j->path, &it->src, it->type, item_base(c, it), un->r0, un->r0 + un->n,
+                                  &j->bufs[thread]);
+        if (st) {
+            pthread_mutex_lock(&c->mu);
+            if (!c->failed) *c->err = e;
+            c->failed = 1;
+            pthread_mutex_unlock(&c->mu);
+            return;
+        }
+    }
+}
+
+/* Decodes, quantizes and writes every plan item, the row blocks spread over the CPUs. */
 static mf_status write_payload(conv *c, int fd, const char *path) {
-    wbuf b = {0};
-    b.f = malloc(BLOCK_FLOATS * sizeof(float) + 64 * 1024 * sizeof(float));
-    b.out_cap = BLOCK_FLOATS * sizeof(float) + 64 * 1024 * sizeof(float);
-    b.out = malloc(b.out_cap);
-    if (!b.f || !b.out) {
-        free(b.f);
-        free(b.out);
-        return err_set(c->err, MF_ERR_NOMEM, "out of memory for conversion buffers");
+    size_t n_units = 0;
+    for (size_t i = 0; i < c->n_items; i++) {
+        const plan_item *it = &c->items[i];
+        if ((uint64_t)it->src.cols > BLOCK_FLOATS)
+            return err_set(c->err, MF_ERR_UNSUPPORTED, "%s: a row of %lld values is too long", it->src.w->name,
+                           (long long)it->src.cols);
+        int64_t B = (int64_t)(BLOCK_FLOATS / (uint64_t)it->src.cols);
+        n_units += (size_t)((it->src.rows + B - 1) / B);
+    }
+    unit *units = malloc(sizeof *units * (n_units ? n_units : 1));
+    mf_pool *pool = pool_create(0);
+    int nt = pool_size(pool);
+    wbuf *bufs = calloc((size_t)nt, sizeof *bufs);
+    int ok = units && pool && bufs;
+    for (int t = 0; ok && t < nt; t++) {
+        bufs[t].f = malloc(BLOCK_FLOATS * sizeof(float));
+        bufs[t].out_cap = BLOCK_FLOATS * sizeof(float);
+        bufs[t].out = malloc(bufs[t].out_cap);
+        ok = bufs[t].f && bufs[t].out;
     }
     mf_status st = MF_OK;
-    for (size_t i = 0; i < c->n_items && !st; i++) {
-        const plan_item *it = &c->items[i];
-        if ((uint64_t)it->src.cols > BLOCK_FLOATS + 64 * 1024) {
-            st = err_set(c->err, MF_ERR_UNSUPPORTED, "%s: a row of %lld values is too long",
-                         it->src.w->name, (long long)it->src.cols);
-            break;
+    if (!ok) {
+        st = err_set(c->err, MF_ERR_NOMEM, "out of memory for conversion buffers");
+    } else {
+        size_t k = 0;
+        for (size_t i = 0; i < c->n_items; i++) {
+            const plan_item *it = &c->items[i];
+            int64_t B = (int64_t)(BLOCK_FLOATS / (uint64_t)it->src.cols);
+            for (int64_t r0 = 0; r0 < it->src.rows; r0 += B)
+                units[k++] = (unit){i, r0, it->src.rows - r0 < B ? it->src.rows - r0 : B};
         }
-        uint64_t base;
-        if (it->tensor >= 0) {
-            base = c->L.tensors[it->tensor].offset;
-        } else {
-            const mfpack_expert_layer *E = mfpack_experts(&c->L, it->layer);
-            base = E->offset + E->stride * (uint64_t)it->expert + E->parts[it->part].offset;
-        }
-        st = write_matrix(c, fd, path, &it->src, it->type, base, &b);
+        pthread_mutex_init(&c->mu, NULL);
+        c->failed = 0;
+        write_job job = {c, fd, path, units, (int64_t)n_units, 0, bufs};
+        atomic_init(&job.next, 0);
+        pool_for(pool, nt, 1, write_units, &job);
+        pthread_mutex_destroy(&c->mu);
+        if (c->failed) st = c->err->status;
     }
-    free(b.f);
-    free(b.out);
+    for (int t = 0; bufs && t < nt; t++) {
+        free(bufs[t].f);
+        free(bufs[t].out);
+    }
+    free(bufs);
+    free(units);
+    pool_destroy(pool);
     return st;
 }
 
