@@ -303,42 +303,6 @@ static void py_repr_str(sbuf *b, const char *s) {
     sb_addc(b, q);
 }
 
-/* Python's repr() of a value (what str() of a list or dict prints for its items). */
-static void py_repr(sbuf *b, const cJSON *v) {
-    if (cJSON_IsNull(v)) sb_add(b, "None");
-    else if (cJSON_IsTrue(v)) sb_add(b, "True");
-    else if (cJSON_IsFalse(v)) sb_add(b, "False");
-    else if (cJSON_IsNumber(v)) py_number(b, v, 0);
-    else if (cJSON_IsString(v)) py_repr_str(b, v->valuestring);
-    else if (cJSON_IsArray(v)) {
-        sb_addc(b, '[');
-        for (const cJSON *c = v->child; c; c = c->next) {
-            if (c != v->child) sb_add(b, ", ");
-            py_repr(b, c);
-        }
-        sb_addc(b, ']');
-    } else {
-        sb_addc(b, '{');
-        int first = 1;
-        for (const cJSON *c = v->child; c; c = c->next) {
-            if (key_seen_before(v, c)) continue;
-            if (!first) sb_add(b, ", ");
-            first = 0;
-            py_repr_str(b, c->string);
-            sb_add(b, ": ");
-            py_repr(b, obj_get(v, c->string));
-        }
-        sb_addc(b, '}');
-    }
-}
-
-/* What Jinja prints for {{ value }} and value|string: str(value); Undefined prints nothing. */
-static void py_str(sbuf *b, const cJSON *v) {
-    if (!v) return;
-    if (cJSON_IsString(v)) sb_add(b, v->valuestring);
-    else py_repr(b, v);
-}
-
 /* A JSON string as json.dumps(ensure_ascii=False) writes it. */
 static void json_str(sbuf *b, const char *s) {
     sb_addc(b, '"');
@@ -363,19 +327,23 @@ static void json_str(sbuf *b, const char *s) {
     sb_addc(b, '"');
 }
 
-/* The tojson filter of transformers' template environment: json.dumps(value, ensure_ascii=False)
- * with the default separators ", " and ": ", keys in their order, floats through repr(). */
-static void py_json(sbuf *b, const cJSON *v) {
-    if (cJSON_IsNull(v)) sb_add(b, "null");
-    else if (cJSON_IsTrue(v)) sb_add(b, "true");
-    else if (cJSON_IsFalse(v)) sb_add(b, "false");
-    else if (cJSON_IsNumber(v)) py_number(b, v, 1);
-    else if (cJSON_IsString(v)) json_str(b, v->valuestring);
-    else if (cJSON_IsArray(v)) {
+/* One printer for both ways a template prints a value: json != 0 is the tojson filter of
+ * transformers' template environment (json.dumps(value, ensure_ascii=False) with the default
+ * separators ", " and ": ", keys in their order, floats through repr()); json == 0 is Python's
+ * repr() (what str() of a list or dict prints for its items). They differ only in the scalars. */
+static void py_print(sbuf *b, const cJSON *v, int json) {
+    if (cJSON_IsNull(v)) sb_add(b, json ? "null" : "None");
+    else if (cJSON_IsTrue(v)) sb_add(b, json ? "true" : "True");
+    else if (cJSON_IsFalse(v)) sb_add(b, json ? "false" : "False");
+    else if (cJSON_IsNumber(v)) py_number(b, v, json);
+    else if (cJSON_IsString(v)) {
+        if (json) json_str(b, v->valuestring);
+        else py_repr_str(b, v->valuestring);
+    } else if (cJSON_IsArray(v)) {
         sb_addc(b, '[');
         for (const cJSON *c = v->child; c; c = c->next) {
             if (c != v->child) sb_add(b, ", ");
-            py_json(b, c);
+            py_print(b, c, json);
         }
         sb_addc(b, ']');
     } else {
@@ -385,13 +353,25 @@ static void py_json(sbuf *b, const cJSON *v) {
             if (key_seen_before(v, c)) continue;
             if (!first) sb_add(b, ", ");
             first = 0;
-            json_str(b, c->string);
+            if (json) json_str(b, c->string);
+            else py_repr_str(b, c->string);
             sb_add(b, ": ");
-            py_json(b, obj_get(v, c->string));
+            py_print(b, obj_get(v, c->string), json);
         }
         sb_addc(b, '}');
     }
 }
+
+static void py_repr(sbuf *b, const cJSON *v) { py_print(b, v, 0); }
+static void py_json(sbuf *b, const cJSON *v) { py_print(b, v, 1); }
+
+/* What Jinja prints for {{ value }} and value|string: str(value); Undefined prints nothing. */
+static void py_str(sbuf *b, const cJSON *v) {
+    if (!v) return;
+    if (cJSON_IsString(v)) sb_add(b, v->valuestring);
+    else py_repr(b, v);
+}
+
 
 /* ---- Python string methods on spans ---- */
 
