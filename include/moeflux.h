@@ -154,6 +154,7 @@ typedef struct mf_session_options {
     int profile;       /* time each phase of the forward pass (waits for the backend at each
                           phase boundary, so it slows a GPU run a little) */
     int no_predict;    /* turn off next-layer expert prediction and background prefetch */
+    int no_graph;      /* never record a decode step for replay (CUDA graphs); each op is issued */
 } mf_session_options;
 
 /* Seconds spent per phase since the session began or the last reset (profile on). */
@@ -181,6 +182,9 @@ void mf_session_free(mf_session *s);
 /* Runs n >= 1 tokens from the current position (batched in prefill chunks). logits may be
  * NULL; else it receives float32 [n][vocab] when all_logits, or [vocab] for the last token. */
 mf_status mf_session_eval(mf_session *s, const int32_t *tokens, int n, float *logits, int all_logits);
+/* Runs n >= 1 tokens as mf_session_eval does and writes the greedy choice after the last one
+ * (the lowest id among equal largest logits) to *next: the logits stay on the backend. */
+mf_status mf_session_eval_greedy(mf_session *s, const int32_t *tokens, int n, int32_t *next);
 int mf_session_pos(const mf_session *s);
 void mf_session_reset(mf_session *s);
 /* Drops every position >= pos. Exact: attention caches are cut, linear-attention state is

@@ -129,6 +129,16 @@ static void check_fixture(const char *fixture) {
         cr_assert_eq(tok, r.greedy[i], "%s: greedy step %d gave %d, transformers %d", fixture, i, tok, r.greedy[i]);
         cr_assert_eq(mf_session_eval(s, &tok, 1, last, 0), MF_OK, "%s", mf_session_error(s));
     }
+    /* the same continuation chosen by the backend (mf_session_eval_greedy), logits never read */
+    mf_session_reset(s);
+    int32_t next = -1;
+    cr_assert_eq(mf_session_eval_greedy(s, r.prompt, r.n_prompt, &next), MF_OK, "%s", mf_session_error(s));
+    for (int i = 0; i < r.n_greedy; i++) {
+        cr_assert_eq(next, r.greedy[i], "%s: eval_greedy step %d gave %d, transformers %d", fixture, i, next,
+                     r.greedy[i]);
+        int32_t tok = next;
+        cr_assert_eq(mf_session_eval_greedy(s, &tok, 1, &next), MF_OK, "%s", mf_session_error(s));
+    }
     free(last);
     free(lg);
     mf_session_free(s);

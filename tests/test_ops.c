@@ -285,7 +285,10 @@ Test(ops, attention) {
                     }
                 }
             float *out = buf_alloc(nq);
-            be[p]->ops->attention(be[p], q, kc, vc, pos0, nt, nh, nkv, hd, scale, out);
+            int32_t *pos = malloc(sizeof(int32_t) * (size_t)nt);
+            for (int64_t t = 0; t < nt; t++) pos[t] = (int32_t)(pos0 + t);
+            be[p]->ops->attention(be[p], q, kc, vc, pos, n_valid, nt, nh, nkv, hd, scale, out);
+            free(pos);
             char what[112];
             snprintf(what, sizeof what, "attention heads %d kv %d hd %d pos0 %lld n_tok %lld %s", nh, nkv, hd,
                      (long long)pos0, (long long)nt, path_name[p]);
@@ -304,6 +307,47 @@ Test(ops, attention) {
             free(out);
         }
     cr_log_info("attention: worst relative error (per token and head) %.3g", worst);
+}
+
+/* ---- scatter_rows (KV cache writes) and argmax (greedy choice) ---- */
+
+Test(ops, scatter_rows_argmax) {
+    enum { ROWS = 9, COLS = 37, N = 4 };
+    const int32_t idx[N] = {6, 0, 8, 3};
+    for (int p = 0; p < N_PATHS; p++) {
+        rng_seed(900 + (uint64_t)p);
+        float *dst = buf_alloc(ROWS * COLS), *src = buf_alloc(N * COLS);
+        fill_normal(dst, ROWS * COLS, 0.0, 1.0);
+        fill_normal(src, N * COLS, 5.0, 1.0);
+        float *before = buf_copy(dst, ROWS * COLS);
+        be[p]->ops->scatter_rows(be[p], dst, src, idx, N, COLS);
+        check_written(dst, ROWS * COLS, "scatter_rows");
+        for (int r = 0; r < ROWS; r++) {
+            int from = -1;
+            for (int i = 0; i < N; i++)
+                if (idx[i] == r) from = i;
+            for (int c = 0; c < COLS; c++) {
+                float want = from < 0 ? before[r * COLS + c] : src[from * COLS + c];
+                cr_assert(dst[r * COLS + c] == want, "scatter_rows %s: row %d col %d", path_name[p], r, c);
+            }
+        }
+        /* argmax: the largest, the lowest index among ties, NaN never chosen */
+        enum { V = 1000 };
+        float *x = buf_alloc(3 * V);
+        fill_normal(x, 3 * V, 0.0, 1.0);
+        x[417] = 9.0f;                                /* row 0: a clear winner */
+        x[V + 5] = x[V + 600] = x[V + 999] = 7.0f;    /* row 1: ties go to the lowest index */
+        x[2 * V + 0] = NAN, x[2 * V + 3] = NAN;       /* row 2: NaNs around the winner */
+        x[2 * V + 2] = 8.0f;
+        int32_t out[3] = {-1, -1, -1};
+        be[p]->ops->argmax(be[p], x, 3, V, out);
+        cr_assert(out[0] == 417 && out[1] == 5 && out[2] == 2, "argmax %s: %d %d %d", path_name[p], out[0], out[1],
+                  out[2]);
+        free(dst);
+        free(src);
+        free(before);
+        free(x);
+    }
 }
 
 /* ---- conv1d_silu: depthwise causal conv over [state ; x], then SiLU ---- */

@@ -71,12 +71,14 @@ typedef struct mf_backend_ops {
      * is computed in f32 as transformers does. pos [n_tok]. */
     void (*rope)(mf_backend *b, float *x, int64_t n_tok, int n_heads, int head_dim, int rot_dim,
                  const int32_t *pos, double theta);
-    /* Causal attention with grouped KV heads: q [n_tok][n_heads][hd]; caches [n_ctx][n_kv][hd]
-     * already hold positions 0 .. pos0 + n_tok - 1; token t (position pos0 + t) attends to
-     * positions <= pos0 + t; head h reads kv head h / (n_heads / n_kv). out [n_tok][n_heads][hd]. */
+    /* Causal attention with grouped KV heads: q [n_tok][n_heads][hd]; caches [n_ctx][n_kv][hd];
+     * token t attends to cache positions 0 .. pos[t], which are already written; pos [n_tok]
+     * (backend memory, so it may change between replays of a captured graph) is ascending and
+     * below n_ctx, the bound the op sizes its work for; head h reads kv head h / (n_heads / n_kv).
+     * out [n_tok][n_heads][hd]. */
     void (*attention)(mf_backend *b, const float *q, const float *k_cache, const float *v_cache,
-                      int64_t pos0, int64_t n_tok, int n_heads, int n_kv, int hd, float scale,
-                      float *out);
+                      const int32_t *pos, int64_t n_ctx, int64_t n_tok, int n_heads, int n_kv, int hd,
+                      float scale, float *out);
     /* Depthwise causal conv1d (kernel K, no bias) then SiLU: x, out [n_tok][C]; w [C][K];
      * state [K-1][C] holds the previous K-1 inputs, oldest first, and is advanced. */
     void (*conv1d_silu)(mf_backend *b, const float *x, float *state, const float *w,
@@ -115,6 +117,11 @@ typedef struct mf_backend_ops {
     /* dst[i] = src[idx[i]] (rows of cols floats), i < n */
     void (*gather_rows)(mf_backend *b, float *dst, const float *src, const int32_t *idx, int64_t n,
                         int64_t cols);
+    /* dst[idx[i]] = src[i] (rows of cols floats), i < n; idx unique */
+    void (*scatter_rows)(mf_backend *b, float *dst, const float *src, const int32_t *idx, int64_t n,
+                         int64_t cols);
+    /* out[r] = index of the largest of x[r][0 .. cols - 1] (the lowest on ties; NaN never wins), r < rows */
+    void (*argmax)(mf_backend *b, const float *x, int64_t rows, int64_t cols, int32_t *out);
     /* y[idx[i]] += w[i] * src[i] (rows of cols floats), i < n; idx may repeat only across calls */
     void (*scatter_add)(mf_backend *b, float *y, const float *src, const int32_t *idx, const float *w,
                         int64_t n, int64_t cols);
@@ -147,6 +154,17 @@ typedef struct mf_backend_ops {
      * sync implies it (and waits for every upload), so does an upload from page-locked memory;
      * download and other uploads do not. */
     void (*upload_fence)(mf_backend *b);
+
+    /* ---- captured op sequences (NULL where the backend has none, as on the CPU) ---- */
+    /* Starts recording: the compute ops issued until graph_end are recorded, not run, with the
+     * pointers and scalars they were given; memory ops, uploads and downloads must not be issued
+     * meanwhile. Returns MF_OK, or a status when recording cannot start. */
+    mf_status (*graph_begin)(mf_backend *b);
+    /* Ends recording; returns the replayable sequence, NULL when recording failed. */
+    void *(*graph_end)(mf_backend *b);
+    /* Issues the recorded ops again, in order after every op issued before. */
+    void (*graph_launch)(mf_backend *b, void *graph);
+    void (*graph_free)(mf_backend *b, void *graph);
 } mf_backend_ops;
 
 struct mf_backend {

@@ -30,8 +30,9 @@ uint64_t peak_rss_bytes(void) {
 
 static void usage_bench(void) {
     fprintf(stderr, "usage: moeflux bench MODEL [--prompt-tokens N] [--gen-tokens N] [--json] [--seed S]\n"
-                    "                     [--cuda] [--gpu-cache-gb G] [--expert-cache-mb N] [--threads N]\n"
-                    "                     [--io-threads N] [--o-direct] [--chunk N] [--reference] [--no-profile]\n");
+                    "                     [--cuda] [--gpu-cache-gb G] [--host-cache-gb G] [--threads N]\n"
+                    "                     [--io-threads N] [--o-direct] [--chunk N] [--reference] [--no-profile]\n"
+                    "                     [--no-graph]\n");
 }
 
 static double jnum(const cJSON *o, const char *k) {
@@ -55,7 +56,6 @@ int cmd_bench(int argc, char **argv) {
     const char *model = NULL;
     int n_prompt = 128, n_gen = 32, json = 0, profile = 1;
     unsigned seed = 1;
-    double gpu_gb = -1;
     mf_engine_options eo;
     mf_engine_options_init(&eo);
     mf_session_options so;
@@ -68,24 +68,17 @@ int cmd_bench(int argc, char **argv) {
         else if (!strcmp(a, "--threads")) iv = &eo.n_threads;
         else if (!strcmp(a, "--io-threads")) iv = &eo.io_threads;
         else if (!strcmp(a, "--chunk")) iv = &so.prefill_chunk;
-        if (iv || !strcmp(a, "--seed") || !strcmp(a, "--expert-cache-mb") || !strcmp(a, "--gpu-cache-gb")) {
+        int cache = parse_cache_opt("bench", a, val, &eo);
+        if (cache < 0) return 2;
+        if (cache) {
+            i++;
+        } else if (iv || !strcmp(a, "--seed")) {
             if (!val) {
                 fprintf(stderr, "moeflux bench: %s needs a value\n", a);
                 return 2;
             }
             char *end;
-            if (!strcmp(a, "--expert-cache-mb")) {
-                if (parse_mb(val, &eo.expert_cache_bytes)) {
-                    fprintf(stderr, "moeflux bench: bad size '%s'\n", val);
-                    return 2;
-                }
-            } else if (!strcmp(a, "--gpu-cache-gb")) {
-                gpu_gb = strtod(val, &end);
-                if (*end || !(gpu_gb >= 0)) {
-                    fprintf(stderr, "moeflux bench: bad size '%s' for --gpu-cache-gb\n", val);
-                    return 2;
-                }
-            } else {
+            {
                 long v = strtol(val, &end, 10);
                 if (*end || v < 0 || v > 1000000) {
                     fprintf(stderr, "moeflux bench: bad value '%s' for %s\n", val, a);
@@ -98,6 +91,7 @@ int cmd_bench(int argc, char **argv) {
         } else if (!strcmp(a, "--json")) json = 1;
         else if (!strcmp(a, "--cuda")) eo.use_cuda = 1;
         else if (!strcmp(a, "--no-profile")) profile = 0;
+        else if (!strcmp(a, "--no-graph")) so.no_graph = 1;
         else if (!strcmp(a, "--o-direct")) eo.o_direct = 1;
         else if (!strcmp(a, "--reference")) eo.reference = 1;
         else if (a[0] == '-' && a[1]) {
@@ -114,12 +108,10 @@ int cmd_bench(int argc, char **argv) {
         usage_bench();
         return 2;
     }
-    if (gpu_gb >= 0) eo.gpu_cache_bytes = gpu_gb > 0 ? (uint64_t)(gpu_gb * 1e9) : 1;
     int rc = 1;
     mf_model *m = NULL;
     mf_session *s = NULL;
     int32_t *toks = NULL;
-    float *logits = NULL;
     cJSON *info = NULL;
     if (mf_model_open(model, &m) != MF_OK || mf_model_load(m, &eo) != MF_OK) {
         fprintf(stderr, "moeflux bench: %s\n", mf_model_error(m));
@@ -133,8 +125,7 @@ int cmd_bench(int argc, char **argv) {
     }
     int V = mf_model_vocab(m);
     toks = malloc(sizeof(int32_t) * (size_t)(n_prompt + 1));
-    logits = malloc(sizeof(float) * (size_t)V);
-    if (!toks || !logits || !info) goto done;
+    if (!toks || !info) goto done;
     uint64_t x = 0x9e3779b97f4a7c15ull * (seed + 1);
     for (int i = 0; i < n_prompt; i++) {
         x ^= x << 13, x ^= x >> 7, x ^= x << 17;
@@ -142,7 +133,8 @@ int cmd_bench(int argc, char **argv) {
     }
     /* prefill */
     double t0 = now_s();
-    if (mf_session_eval(s, toks, n_prompt, logits, 0) != MF_OK) {
+    int32_t next = 0;
+    if (mf_session_eval_greedy(s, toks, n_prompt, &next) != MF_OK) {
         fprintf(stderr, "moeflux bench: %s\n", mf_session_error(s));
         goto done;
     }
@@ -152,11 +144,10 @@ int cmd_bench(int argc, char **argv) {
     mf_model_reset_expert_stats(m);
     /* decode, unprofiled */
     double t2 = now_s();
+    /* greedy decoding on the backend: only token ids cross to the host */
     for (int i = 0; i < n_gen; i++) {
-        int32_t best = 0;
-        for (int v = 1; v < V; v++)
-            if (logits[v] > logits[best]) best = v;
-        if (mf_session_eval(s, &best, 1, logits, 0) != MF_OK) {
+        int32_t tok = next;
+        if (mf_session_eval_greedy(s, &tok, 1, &next) != MF_OK) {
             fprintf(stderr, "moeflux bench: %s\n", mf_session_error(s));
             goto done;
         }
@@ -170,10 +161,8 @@ int cmd_bench(int argc, char **argv) {
         mf_session_set_profile(s, 1);
         mf_session_reset_profile(s);
         for (int i = 0; i < n_gen; i++) {
-            int32_t best = 0;
-            for (int v = 1; v < V; v++)
-                if (logits[v] > logits[best]) best = v;
-            if (mf_session_eval(s, &best, 1, logits, 0) != MF_OK) {
+            int32_t tok = next;
+            if (mf_session_eval_greedy(s, &tok, 1, &next) != MF_OK) {
                 fprintf(stderr, "moeflux bench: %s\n", mf_session_error(s));
                 goto done;
             }
@@ -245,7 +234,6 @@ int cmd_bench(int argc, char **argv) {
 done:
     cJSON_Delete(info);
     free(toks);
-    free(logits);
     mf_session_free(s);
     mf_model_free(m);
     return rc;

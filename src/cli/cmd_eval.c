@@ -61,6 +61,28 @@ int parse_mb(const char *s, uint64_t *bytes) {
     return 0;
 }
 
+int parse_cache_opt(const char *cmd, const char *opt, const char *val, mf_engine_options *eo) {
+    int mb = !strcmp(opt, "--expert-cache-mb"), host = !strcmp(opt, "--host-cache-gb"),
+        gpu = !strcmp(opt, "--gpu-cache-gb");
+    if (!mb && !host && !gpu) return 0;
+    if (mb) {
+        if (val && !parse_mb(val, &eo->expert_cache_bytes)) return 1;
+        fprintf(stderr, "moeflux %s: %s needs a size in MB (e.g. 512, 2g)\n", cmd, opt);
+        return -1;
+    }
+    char *end = NULL;
+    errno = 0;
+    double gb = val ? strtod(val, &end) : -1;
+    if (!val || end == val || *end || errno || !(gb >= 0 && gb < 1e6)) {
+        fprintf(stderr, "moeflux %s: %s needs a size in GB (e.g. 24, 0.5), not '%s'\n", cmd, opt, val ? val : "");
+        return -1;
+    }
+    uint64_t bytes = gb > 0 ? (uint64_t)(gb * 1e9) : 1; /* 0 asks for the smallest cache, not the default */
+    if (host) eo->expert_cache_bytes = bytes;
+    else eo->gpu_cache_bytes = bytes;
+    return 1;
+}
+
 /* Parses integers separated by commas, spaces, newlines or JSON brackets. */
 static int parse_tokens(const char *text, int32_t **out, int *n) {
     int cap = 64, cnt = 0;
@@ -124,7 +146,7 @@ static char *read_text(const char *path) {
 static void usage_eval(void) {
     fprintf(stderr,
             "usage: moeflux eval MODEL (--tokens 1,2,3 | --tokens-file F) [--logits-out F.npy]\n"
-            "                   [--greedy N] [--json] [--stats] [--expert-cache-mb N] [--threads N]\n"
+            "                   [--greedy N] [--json] [--stats] [--host-cache-gb G] [--threads N]\n"
             "                   [--io-threads N] [--o-direct] [--ctx N] [--chunk N] [--reference]\n"
             "                   [--cuda] [--gpu-cache-gb G]\n");
 }
@@ -166,7 +188,7 @@ int cmd_eval(int argc, char **argv) {
     for (int i = 0; i < argc; i++) {
         const char *a = argv[i];
         const char *val = i + 1 < argc ? argv[i + 1] : NULL;
-        int takes = 1;
+        int takes = 1, cache;
         if (!strcmp(a, "--tokens")) tokens_arg = val;
         else if (!strcmp(a, "--tokens-file")) tokens_file = val;
         else if (!strcmp(a, "--logits-out")) logits_out = val;
@@ -175,21 +197,8 @@ int cmd_eval(int argc, char **argv) {
         else if (!strcmp(a, "--io-threads")) eo.io_threads = val ? atoi(val) : -1;
         else if (!strcmp(a, "--ctx")) so.max_ctx = val ? atoi(val) : -1;
         else if (!strcmp(a, "--chunk")) so.prefill_chunk = val ? atoi(val) : -1;
-        else if (!strcmp(a, "--gpu-cache-gb")) {
-            char *end = NULL;
-            double g = val ? strtod(val, &end) : -1;
-            if (!val || *end || !(g >= 0)) {
-                fprintf(stderr, "moeflux eval: --gpu-cache-gb needs a size in GB\n");
-                return 2;
-            }
-            eo.gpu_cache_bytes = g > 0 ? (uint64_t)(g * 1e9) : 1;
-        }
-        else if (!strcmp(a, "--expert-cache-mb")) {
-            if (!val || parse_mb(val, &eo.expert_cache_bytes)) {
-                fprintf(stderr, "moeflux eval: --expert-cache-mb needs a size in MB (e.g. 512, 2g)\n");
-                return 2;
-            }
-        } else {
+        else if ((cache = parse_cache_opt("eval", a, val, &eo)) < 0) return 2;
+        else if (!cache) {
             takes = 0;
             if (!strcmp(a, "--json")) json = 1;
             else if (!strcmp(a, "--stats")) stats = 1;

@@ -99,11 +99,8 @@ static int parse_common(gen_opts *g, int argc, char **argv, int i, const char *c
         g->stops[g->n_stops++] = v;
         return 2;
     }
-    if (!strcmp(a, "--expert-cache-mb")) {
-        NEED_VAL;
-        if (parse_mb(v, &g->eo.expert_cache_bytes)) return -1;
-        return 2;
-    }
+    int cache = parse_cache_opt(cmd, a, v, &g->eo);
+    if (cache) return cache < 0 ? -1 : 2;
     if (!strcmp(a, "--system")) {
         NEED_VAL;
         g->system = v;
@@ -112,16 +109,6 @@ static int parse_common(gen_opts *g, int argc, char **argv, int i, const char *c
     if (!strcmp(a, "--chat-template-file")) {
         NEED_VAL;
         g->template_file = v;
-        return 2;
-    }
-    if (!strcmp(a, "--gpu-cache-gb")) {
-        NEED_VAL;
-        double gb = strtod(v, &end);
-        if (*end || !(gb >= 0)) {
-            fprintf(stderr, "moeflux %s: --gpu-cache-gb needs a size in GB, not '%s'\n", cmd, v);
-            return -1;
-        }
-        g->eo.gpu_cache_bytes = gb > 0 ? (uint64_t)(gb * 1e9) : 1;
         return 2;
     }
     if (!strcmp(a, "--cuda")) return (g->eo.use_cuda = 1);
@@ -155,6 +142,8 @@ typedef struct engine {
     mf_sampler *smp;
     int vocab;
     float *logits;            /* [vocab] */
+    int greedy;               /* plain argmax: the backend picks, the logits stay there */
+    int32_t next;             /* its pick after the last token (greedy) */
     int32_t *hist;            /* [max_ctx] the session's tokens */
     int n_hist;
     int max_ctx;
@@ -195,6 +184,8 @@ static int engine_open(engine *e, const char *path, gen_opts *g, const char *cmd
         return -1;
     }
     e->max_ctx = g->so.max_ctx;
+    e->greedy = g->sp.temperature <= 0 && g->sp.repetition_penalty == 1.0f && g->sp.presence_penalty == 0 &&
+                g->sp.frequency_penalty == 0;
     e->smp = mf_sampler_new(&g->sp, e->vocab);
     e->logits = malloc(sizeof(float) * (size_t)e->vocab);
     e->hist = malloc(sizeof(int32_t) * (size_t)e->max_ctx);
@@ -214,8 +205,14 @@ static void engine_close(engine *e) {
     free(e->hist);
 }
 
+/* Runs n tokens; leaves what the next choice needs: the logits, or the backend's greedy pick. */
+static mf_status engine_eval(engine *e, const int32_t *toks, int n) {
+    if (e->greedy) return mf_session_eval_greedy(e->s, toks, n, &e->next);
+    return mf_session_eval(e->s, toks, n, e->logits, 0);
+}
+
 /* Makes the session hold exactly `ids` (reusing the longest common prefix), leaving the logits
- * of the last one in e->logits. Returns the number of tokens evaluated, or -1. */
+ * choice after the last one (engine_eval). Returns the number of tokens evaluated, or -1. */
 static int engine_sync(engine *e, const int32_t *ids, int n, const char *cmd) {
     if (n > e->max_ctx) {
         fprintf(stderr, "moeflux %s: %d tokens exceed the context of %d (--ctx)\n", cmd, n, e->max_ctx);
@@ -229,7 +226,7 @@ static int engine_sync(engine *e, const int32_t *ids, int n, const char *cmd) {
         return -1;
     }
     e->n_hist = common;
-    if (n > common && mf_session_eval(e->s, ids + common, n - common, e->logits, 0) != MF_OK) {
+    if (n > common && engine_eval(e, ids + common, n - common) != MF_OK) {
         fprintf(stderr, "moeflux %s: %s\n", cmd, mf_session_error(e->s));
         return -1;
     }
@@ -273,7 +270,7 @@ static int generate(engine *e, const gen_opts *g, gen_result *r, const char *cmd
             r->stopped_by = 4;
             break;
         }
-        int32_t tok = mf_sampler_sample(e->smp, e->logits, e->hist, e->n_hist);
+        int32_t tok = e->greedy ? e->next : mf_sampler_sample(e->smp, e->logits, e->hist, e->n_hist);
         int is_eos = 0;
         for (int i = 0; i < n_eos; i++) is_eos |= tok == eos[i];
         if (is_eos && !g->ignore_eos) {
@@ -317,11 +314,11 @@ static int generate(engine *e, const gen_opts *g, gen_result *r, const char *cmd
         if (hit) {
             r->stopped_by = 2;
             e->hist[e->n_hist++] = tok;
-            if (mf_session_eval(e->s, &tok, 1, e->logits, 0) != MF_OK) break;
+            if (engine_eval(e, &tok, 1) != MF_OK) break;
             break;
         }
         e->hist[e->n_hist++] = tok;
-        if (mf_session_eval(e->s, &tok, 1, e->logits, 0) != MF_OK) {
+        if (engine_eval(e, &tok, 1) != MF_OK) {
             fprintf(stderr, "\nmoeflux %s: %s\n", cmd, mf_session_error(e->s));
             mf_detok_free(d);
             return -1;
@@ -382,7 +379,7 @@ static void usage_run(void) {
             "usage: moeflux run MODEL -p PROMPT [-n N] [--chat] [--system S] [--think|--no-think]\n"
             "       [--temp T] [--top-k K] [--top-p P] [--min-p P] [--repeat-penalty R] [--repeat-last-n N]\n"
             "       [--presence-penalty P] [--frequency-penalty F] [--seed S] [--stop STR]... [--ignore-eos]\n"
-            "       [--ctx N] [--threads N] [--expert-cache-mb N] [--cuda] [--gpu-cache-gb G]\n"
+            "       [--ctx N] [--threads N] [--host-cache-gb G] [--cuda] [--gpu-cache-gb G]\n"
             "       [--chat-template-file F]\n");
 }
 

@@ -6,6 +6,7 @@
 #include <math.h>
 #include <string.h>
 
+#include "backend/cuda/cuda_backend.h"
 #include "model/model_internal.h"
 
 #define OPS (m->be->ops)
@@ -35,9 +36,11 @@ static void attention_block(mf_session *s, int l, int n) {
     OPS->rmsnorm(be, k, lw->k_norm, (int64_t)n * nkv, hd, (float)hp->rms_eps, k);
     OPS->rope(be, q, n, nh, hd, rot, s->d_positions, hp->rope_theta);
     OPS->rope(be, k, n, nkv, hd, rot, s->d_positions, hp->rope_theta);
-    OPS->copy(be, s->k_cache[l] + (int64_t)s->pos * kvw, k, sizeof(float) * (size_t)(n * kvw));
-    OPS->copy(be, s->v_cache[l] + (int64_t)s->pos * kvw, v, sizeof(float) * (size_t)(n * kvw));
-    OPS->attention(be, q, s->k_cache[l], s->v_cache[l], s->pos, n, nh, nkv, hd, 1.0f / sqrtf((float)hd), attn);
+    /* positions come from backend memory, so a recorded decode step replays at any position */
+    OPS->scatter_rows(be, s->k_cache[l], k, s->d_positions, n, kvw);
+    OPS->scatter_rows(be, s->v_cache[l], v, s->d_positions, n, kvw);
+    OPS->attention(be, q, s->k_cache[l], s->v_cache[l], s->d_positions, s->attn_ctx, n, nh, nkv, hd,
+                   1.0f / sqrtf((float)hd), attn);
     if (hp->attn_output_gate) OPS->mul_sigmoid(be, attn, gate, (int64_t)n * qw);
     OPS->matmul(be, &lw->o_proj, attn, n, s->y);
 }
@@ -241,21 +244,13 @@ static mf_status moe_block(mf_session *s, int l, int n) {
     return MF_OK;
 }
 
-mf_status forward_chunk(mf_session *s, const int32_t *tokens, int n, float *logits, int all_logits) {
+/* Embedding and every layer for the n tokens already in d_tokens / d_positions: x [n][hidden]. */
+static mf_status forward_layers(mf_session *s, int n) {
     mf_model *m = s->m;
     const mf_hparams *hp = &m->file.L.hp;
     mf_backend *be = m->be;
-    int64_t H = hp->hidden, V = hp->vocab;
+    int64_t H = hp->hidden;
     float eps = (float)hp->rms_eps;
-    for (int t = 0; t < n; t++) {
-        if (tokens[t] < 0 || tokens[t] >= hp->vocab)
-            return err_set(&s->err, MF_ERR_ARG, "token %d at position %d is outside the vocabulary (%d)",
-                           tokens[t], s->pos + t, hp->vocab);
-        s->positions[t] = s->pos + t;
-    }
-    if (s->profile) prof_mark(s, NULL);
-    OPS->upload(be, s->d_positions, s->positions, sizeof(int32_t) * (size_t)n);
-    OPS->upload(be, s->d_tokens, tokens, sizeof(int32_t) * (size_t)n);
     OPS->embed(be, &m->w.embed, s->d_tokens, n, s->x);
     for (int l = 0; l < hp->n_layers; l++) {
         const layer_weights *lw = &m->w.layers[l];
@@ -276,23 +271,89 @@ mf_status forward_chunk(mf_session *s, const int32_t *tokens, int n, float *logi
         }
         OPS->add(be, s->x, s->y, n * H);
     }
+    return MF_OK;
+}
+
+/* Final norm and lm head of `rows` rows of x from `first` on into out [rows][vocab] (backend
+ * memory); the greedy choice of the last row into d_next when next is wanted. */
+static void forward_head(mf_session *s, int64_t first, int64_t rows, float *out, int next) {
+    mf_model *m = s->m;
+    const mf_hparams *hp = &m->file.L.hp;
+    mf_backend *be = m->be;
+    OPS->rmsnorm(be, s->x + first * hp->hidden, m->w.final_norm, rows, hp->hidden, (float)hp->rms_eps, s->h);
+    OPS->matmul(be, &m->w.lm_head, s->h, rows, out);
+    if (next) OPS->argmax(be, out + (rows - 1) * hp->vocab, 1, hp->vocab, s->d_next);
+}
+
+/* Whether this step may replay the recorded decode step: one token, a backend that records,
+ * no profiling (its marks wait on the backend), and every routed layer's experts in backend
+ * memory, so that nothing in the step needs the host. */
+static int graph_eligible(const mf_session *s, int n) {
+    const mf_model *m = s->m;
+    const mf_hparams *hp = &m->file.L.hp;
+    if (n != 1 || !OPS->graph_begin || s->profile || !s->use_graph) return 0;
+    for (int l = 0; l < hp->n_layers; l++)
+        if (hp->layer_moe[l] && !(m->dcache && dev_cache_layer_resident(m->dcache, l))) return 0;
+    return 1;
+}
+
+static const char *backend_error(mf_backend *be) {
+    const char *e = cuda_backend_last_error(be);
+    return e ? e : "the backend cannot record";
+}
+
+/* Records one decode step (layers, head, greedy choice) at the context bound max_ctx. */
+static mf_status graph_record(mf_session *s) {
+    const mf_model *m = s->m;
+    mf_backend *be = m->be;
+    mf_status st = OPS->graph_begin(be);
+    if (st) return err_set(&s->err, st, "recording the decode step failed: %s", backend_error(be));
+    s->attn_ctx = s->max_ctx;
+    st = forward_layers(s, 1);
+    forward_head(s, 0, 1, s->d_logits, 1);
+    s->graph = OPS->graph_end(be);
+    if (st) return st;
+    if (!s->graph) return err_set(&s->err, MF_ERR_INTERNAL, "recording the decode step failed: %s", backend_error(be));
+    return MF_OK;
+}
+
+mf_status forward_chunk(mf_session *s, const int32_t *tokens, int n, float *logits, int all_logits, int32_t *next) {
+    mf_model *m = s->m;
+    const mf_hparams *hp = &m->file.L.hp;
+    mf_backend *be = m->be;
+    int64_t V = hp->vocab;
+    for (int t = 0; t < n; t++) {
+        if (tokens[t] < 0 || tokens[t] >= hp->vocab)
+            return err_set(&s->err, MF_ERR_ARG, "token %d at position %d is outside the vocabulary (%d)",
+                           tokens[t], s->pos + t, hp->vocab);
+        s->positions[t] = s->pos + t;
+    }
+    if (s->profile) prof_mark(s, NULL);
+    OPS->upload(be, s->d_positions, s->positions, sizeof(int32_t) * (size_t)n);
+    OPS->upload(be, s->d_tokens, tokens, sizeof(int32_t) * (size_t)n);
+    int want_out = logits || next;
+    if (want_out && graph_eligible(s, n)) {
+        mf_status st = s->graph ? MF_OK : graph_record(s);
+        if (st) return st;
+        OPS->graph_launch(be, s->graph);
+        if (logits) OPS->download(be, logits, s->d_logits, sizeof(float) * (size_t)V);
+    } else {
+        s->attn_ctx = s->pos + n;
+        mf_status st = forward_layers(s, n);
+        if (st) return st;
+        if (want_out) {
+            int64_t rows = all_logits && logits ? n : 1;
+            /* the CPU's lm head writes straight into the caller's buffer */
+            float *out = OPS->host_memory && logits ? logits : s->d_logits;
+            forward_head(s, n - rows, rows, out, next != NULL);
+            if (logits && out != logits) OPS->download(be, logits, out, sizeof(float) * (size_t)(rows * V));
+        }
+    }
+    if (next) OPS->download(be, next, s->d_next, sizeof(int32_t));
     /* tokens now occupy positions pos .. pos + n - 1 */
     memmove(s->tokens + s->pos, tokens, sizeof(int32_t) * (size_t)n);
     s->pos += n;
     s->prof.tokens += (uint64_t)n;
-    if (!logits) {
-        MARK(other);
-        return MF_OK;
-    }
-    int64_t rows = all_logits ? n : 1;
-    const float *last = all_logits ? s->x : s->x + (n - 1) * H;
-    OPS->rmsnorm(be, last, m->w.final_norm, rows, H, eps, s->h);
-    if (OPS->host_memory) {
-        OPS->matmul(be, &m->w.lm_head, s->h, rows, logits); /* straight into the caller's buffer */
-    } else {
-        OPS->matmul(be, &m->w.lm_head, s->h, rows, s->d_logits);
-        OPS->download(be, logits, s->d_logits, sizeof(float) * (size_t)(rows * V));
-    }
     MARK(other);
     return MF_OK;
 }

@@ -69,6 +69,7 @@ void mf_session_free(mf_session *s) {
     if (!s) return;
     if (s->m) {
         mf_backend *be = s->m->be;
+        if (s->graph) be->ops->graph_free(be, s->graph);
         const mf_hparams *hp = &s->m->file.L.hp;
         for (int l = 0; l < hp->n_layers; l++) {
             if (s->k_cache) be->ops->free(be, s->k_cache[l]);
@@ -78,7 +79,7 @@ void mf_session_free(mf_session *s) {
         }
         void *dev[] = {s->d_tokens, s->d_positions, s->x, s->h, s->y, s->zeros, s->big1, s->big2, s->big3,
                        s->big4, s->big5, s->big6, s->small1, s->small2, s->small3, s->small4, s->d_topk_ids,
-                       s->d_topk_w, s->d_expert_tok, s->d_expert_tw, s->d_logits, (void *)s->d_blob_table, s->d_pred_ids, s->d_pred_w};
+                       s->d_topk_w, s->d_expert_tok, s->d_expert_tw, s->d_logits, (void *)s->d_blob_table, s->d_pred_ids, s->d_pred_w, s->d_next};
         for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++) be->ops->free(be, dev[i]);
     }
     free(s->k_cache);
@@ -137,6 +138,7 @@ mf_status mf_session_new(mf_model *m, const mf_session_options *o, mf_session **
     s->pred_mark = zalloc((size_t)hp->n_experts, &ok);
     s->pred_layer = -1;
     s->predict = !o->no_predict;
+    s->use_graph = !o->no_graph;
     s->blob_host = zalloc(sizeof(void *) * (size_t)hp->n_experts, &ok);
     s->k_cache = zalloc(sizeof(float *) * (size_t)L, &ok);
     s->v_cache = zalloc(sizeof(float *) * (size_t)L, &ok);
@@ -158,7 +160,9 @@ mf_status mf_session_new(mf_model *m, const mf_session_options *o, mf_session **
     s->d_blob_table = balloc(s, sizeof(void *) * (size_t)hp->n_experts, &ok);
     s->d_pred_ids = balloc(s, sizeof(int32_t) * (size_t)(T * K), &ok);
     s->d_pred_w = balloc(s, f * (size_t)(T * K), &ok);
-    if (!m->be->ops->host_memory) s->d_logits = balloc(s, f * (size_t)T * (size_t)hp->vocab, &ok);
+    s->d_next = balloc(s, sizeof(int32_t), &ok);
+    /* the CPU's lm head writes into the caller's logits; this row serves greedy-only steps */
+    s->d_logits = balloc(s, f * (size_t)(m->be->ops->host_memory ? 1 : T) * (size_t)hp->vocab, &ok);
     for (int l = 0; ok && l < L; l++) {
         if (hp->layer_kind[l] == MF_LAYER_FULL_ATTENTION) {
             size_t n = f * (size_t)s->max_ctx * (size_t)hp->n_kv_heads * (size_t)hp->head_dim;
@@ -233,7 +237,8 @@ void mf_session_reset(mf_session *s) {
     err_clear(&s->err);
 }
 
-static mf_status eval_tokens(mf_session *s, const int32_t *tokens, int n, float *logits, int all_logits) {
+static mf_status eval_tokens(mf_session *s, const int32_t *tokens, int n, float *logits, int all_logits,
+                             int32_t *next) {
     int vocab = s->m->file.L.hp.vocab;
     for (int i = 0; i < n; i += s->chunk) {
         int c = n - i < s->chunk ? n - i : s->chunk;
@@ -241,13 +246,27 @@ static mf_status eval_tokens(mf_session *s, const int32_t *tokens, int n, float 
         float *lg = NULL;
         if (logits && all_logits) lg = logits + (int64_t)i * vocab;
         else if (logits && last) lg = logits;
-        mf_status st = forward_chunk(s, tokens + i, c, lg, all_logits);
+        mf_status st = forward_chunk(s, tokens + i, c, lg, all_logits, last ? next : NULL);
         if (st) return st;
     }
     return MF_OK;
 }
 
+static mf_status eval_checked(mf_session *s, const int32_t *tokens, int n, float *logits, int all_logits,
+                              int32_t *next);
+
 mf_status mf_session_eval(mf_session *s, const int32_t *tokens, int n, float *logits, int all_logits) {
+    return eval_checked(s, tokens, n, logits, all_logits, NULL);
+}
+
+mf_status mf_session_eval_greedy(mf_session *s, const int32_t *tokens, int n, int32_t *next) {
+    if (!s || !s->m) return MF_ERR_ARG;
+    if (!next) return err_set(&s->err, MF_ERR_ARG, "eval_greedy: no place for the next token");
+    return eval_checked(s, tokens, n, NULL, 0, next);
+}
+
+static mf_status eval_checked(mf_session *s, const int32_t *tokens, int n, float *logits, int all_logits,
+                              int32_t *next) {
     if (!s || !s->m) return MF_ERR_ARG;
     err_clear(&s->err);
     if (n < 1 || !tokens) return err_set(&s->err, MF_ERR_ARG, "eval: no tokens");
@@ -255,7 +274,7 @@ mf_status mf_session_eval(mf_session *s, const int32_t *tokens, int n, float *lo
         return err_set(&s->err, MF_ERR_ARG, "eval: %d tokens at position %d exceed the context of %d",
                        n, s->pos, s->max_ctx);
     int pos0 = s->pos;
-    mf_status st = eval_tokens(s, tokens, n, logits, all_logits);
+    mf_status st = eval_tokens(s, tokens, n, logits, all_logits, next);
     if (st) {
         /* a failed step leaves a partial state; return to where the call began */
         mf_err keep = s->err;
@@ -292,7 +311,7 @@ mf_status mf_session_truncate(mf_session *s, int pos) {
     }
     s->pos = from;
     if (pos > from) {
-        mf_status st = eval_tokens(s, s->tokens + from, pos - from, NULL, 0);
+        mf_status st = eval_tokens(s, s->tokens + from, pos - from, NULL, 0, NULL);
         if (st) return st;
     }
     return MF_OK;

@@ -146,6 +146,17 @@ static void check_fixture(const char *fixture) {
                 cr_assert_eq(mf_session_eval(s, &tok, 1, last, 0), MF_OK, "%s", mf_session_error(s));
                 for (int v = 0; v < V; v++) cr_assert(isfinite(last[v]), "non-finite logit in decode");
             }
+            /* the same continuation chosen on the GPU (argmax; with every expert resident the
+             * decode steps replay one recorded graph), only token ids coming back */
+            mf_session_reset(s);
+            int32_t next = -1;
+            cr_assert_eq(mf_session_eval_greedy(s, r.prompt, r.n_prompt, &next), MF_OK, "%s", mf_session_error(s));
+            for (int i = 0; i < r.n_greedy; i++) {
+                cr_assert_eq(next, r.greedy[i], "%s (gpu cache %llu B): eval_greedy step %d gave %d, transformers %d",
+                             fixture, (unsigned long long)caches[ci], i, next, r.greedy[i]);
+                int32_t tok = next;
+                cr_assert_eq(mf_session_eval_greedy(s, &tok, 1, &next), MF_OK, "%s", mf_session_error(s));
+            }
             free(last);
             free(lg);
             mf_session_free(s);

@@ -108,7 +108,7 @@ static float *dev_floats(const float *init, int64_t n) {
 static void *dev_bytes(const void *init, size_t bytes) {
     void *d = gpu->ops->alloc(gpu, bytes);
     cr_assert(d, "device allocation of %zu bytes failed", bytes);
-    gpu->ops->upload(gpu, d, init, bytes);
+    if (init) gpu->ops->upload(gpu, d, init, bytes); /* else zeroed, as alloc leaves it */
     return d;
 }
 
@@ -490,32 +490,40 @@ Test(cuda, rope) {
 
 /* ---- attention ---- */
 
-static double attention_case(int nh, int nkv, int hd, int64_t pos0, int64_t nt, int reserved) {
+/* bound: the context the op is sized for (a recorded decode step's is the session's whole
+ * context), at least pos0 + nt. */
+static double attention_case(int nh, int nkv, int hd, int64_t pos0, int64_t nt, int64_t bound, int reserved) {
     enum { EXTRA = 3 }; /* cache rows after the last position: NaN, never to be read */
     int64_t n_valid = pos0 + nt, n_ctx = n_valid + EXTRA;
+    if (bound < n_valid) bound = n_valid;
     int64_t nq = nt * nh * hd, ncache = n_ctx * nkv * hd, nvalid = n_valid * nkv * hd;
-    backends_new(reserved ? n_ctx : 1, nt, 1, 1);
+    backends_new(reserved ? bound : 1, nt, 1, 1);
     if (!reserved) { /* the CPU needs its scratch; the GPU runs without any */
-        mf_backend_limits lim = {n_ctx, nt, 1, 1, 0, 0, 0};
+        mf_backend_limits lim = {bound, nt, 1, 1, 0, 0, 0};
         cr_assert(cpu->ops->reserve(cpu, &lim) == MF_OK);
     }
+    int32_t *pos = malloc(sizeof(int32_t) * (size_t)nt);
+    for (int64_t t = 0; t < nt; t++) pos[t] = (int32_t)(pos0 + t);
+    int32_t *dpos = dev_bytes(pos, sizeof(int32_t) * (size_t)nt);
     float *q = hnormal(nq, 0.0, 1.0), *kc = hnormal(ncache, 0.0, 1.0), *vc = hnormal(ncache, 0.0, 1.0);
     for (int64_t i = nvalid; i < ncache; i++) kc[i] = vc[i] = NAN;
     float *ref = malloc(sizeof(float) * (size_t)nq);
     float scale = 1.0f / sqrtf((float)hd);
-    cpu->ops->attention(cpu, q, kc, vc, pos0, nt, nh, nkv, hd, scale, ref);
+    cpu->ops->attention(cpu, q, kc, vc, pos, bound, nt, nh, nkv, hd, scale, ref);
     float *dq = dev_floats(q, nq), *dk = dev_floats(kc, ncache), *dv = dev_floats(vc, ncache);
     float *dout = dev_floats(NULL, nq);
-    gpu->ops->attention(gpu, dq, dk, dv, pos0, nt, nh, nkv, hd, scale, dout);
-    char what[128];
-    snprintf(what, sizeof what, "attention heads %d/%d hd %d pos0 %lld n_tok %lld%s", nh, nkv, hd, (long long)pos0,
-             (long long)nt, reserved ? "" : " (no scratch)");
+    gpu->ops->attention(gpu, dq, dk, dv, dpos, bound, nt, nh, nkv, hd, scale, dout);
+    char what[160];
+    snprintf(what, sizeof what, "attention heads %d/%d hd %d pos0 %lld n_tok %lld bound %lld%s", nh, nkv, hd,
+             (long long)pos0, (long long)nt, (long long)bound, reserved ? "" : " (no scratch)");
     float *out = dev_fetch(dout, nq, what);
     double e = check_close(out, ref, nq, TOL_MM, what);
     dev_free(dq);
     dev_free(dk);
     dev_free(dv);
     dev_free(dout);
+    dev_free(dpos);
+    free(pos);
     free(q);
     free(kc);
     free(vc);
@@ -525,23 +533,28 @@ static double attention_case(int nh, int nkv, int hd, int64_t pos0, int64_t nt, 
 }
 
 Test(cuda, attention) {
-    static const struct { int nh, nkv, hd; int64_t pos0, nt; int reserved; } cases[] = {
-        {4, 2, 32, 0, 12, 1},       /* fixture prefill */
-        {4, 2, 32, 11, 1, 1},       /* fixture decode */
-        {32, 2, 256, 0, 1, 1},      /* real dims, context 1 */
-        {32, 2, 256, 36, 1, 1},     /* context 37 */
-        {32, 2, 256, 4096, 1, 1},   /* context 4097, split */
-        {32, 2, 256, 4096, 1, 0},   /* context 4097 without scratch: one split */
-        {16, 2, 256, 0, 37, 1},     /* prefill of 37 */
-        {16, 2, 256, 4092, 5, 1},   /* a chunk at the end of a 4097 context */
-        {32, 4, 128, 4096, 1, 1},   /* Qwen3-MoE dims */
-        {64, 4, 128, 1000, 3, 1},
+    static const struct { int nh, nkv, hd; int64_t pos0, nt, bound; int reserved; } cases[] = {
+        {4, 2, 32, 0, 12, 0, 1},       /* fixture prefill */
+        {4, 2, 32, 11, 1, 0, 1},       /* fixture decode */
+        {32, 2, 256, 0, 1, 0, 1},      /* real dims, context 1 */
+        {32, 2, 256, 36, 1, 0, 1},     /* context 37 */
+        {32, 2, 256, 4096, 1, 0, 1},   /* context 4097, split */
+        {32, 2, 256, 4096, 1, 0, 0},   /* context 4097 without scratch: one split */
+        {16, 2, 256, 0, 37, 0, 1},     /* prefill of 37 */
+        {16, 2, 256, 4092, 5, 0, 1},   /* a chunk at the end of a 4097 context */
+        {32, 4, 128, 4096, 1, 0, 1},   /* Qwen3-MoE dims */
+        {64, 4, 128, 1000, 3, 0, 1},
+        /* sized for a whole session (recorded decode steps): most splits past the context */
+        {16, 2, 256, 0, 1, 32768, 1},
+        {16, 2, 256, 70, 1, 32768, 1},
+        {16, 2, 256, 9000, 1, 32768, 1},
+        {4, 2, 32, 11, 1, 4096, 1},
     };
     double worst = 0;
     for (size_t ci = 0; ci < sizeof cases / sizeof cases[0]; ci++) {
         rng_seed(9000 + ci);
         double e = attention_case(cases[ci].nh, cases[ci].nkv, cases[ci].hd, cases[ci].pos0, cases[ci].nt,
-                                  cases[ci].reserved);
+                                  cases[ci].bound, cases[ci].reserved);
         if (e > worst) worst = e;
     }
     cr_log_info("attention: worst relative error %.3g", worst);
@@ -772,6 +785,79 @@ Test(cuda, rows) {
     for (int i = 0; i < 8; i++) free(hf[i]);
 }
 
+/* scatter_rows (KV cache writes at device positions) and argmax (the greedy choice) */
+Test(cuda, scatter_rows_argmax) {
+    rng_seed(14500);
+    int64_t ctx = 300, cols = 512, n = 5;
+    int32_t idx[5] = {299, 0, 17, 18, 150};
+    float *cache = hnormal(ctx * cols, 0.0, 1.0), *src = hnormal(n * cols, 0.0, 1.0), *ref = hcopy(cache, ctx * cols);
+    cpu->ops->scatter_rows(cpu, ref, src, idx, n, cols);
+    float *dc = dev_floats(cache, ctx * cols), *ds = dev_floats(src, n * cols);
+    int32_t *didx = dev_bytes(idx, sizeof idx);
+    gpu->ops->scatter_rows(gpu, dc, ds, didx, n, cols);
+    float *got = dev_fetch(dc, ctx * cols, "scatter_rows");
+    check_close(got, ref, ctx * cols, 0.0, "scatter_rows");
+    /* argmax over vocabulary-sized rows: a random row, ties, NaNs, all equal */
+    int64_t V = 248320, R = 4;
+    float *x = hnormal(R * V, 0.0, 3.0);
+    x[V + 70000] = x[V + 200000] = x[V + 70001] = 100.0f;
+    x[2 * V + 5] = NAN;
+    x[2 * V + 248319] = 50.0f;
+    for (int64_t i = 0; i < V; i++) x[3 * V + i] = 1.0f;
+    int32_t want[4], have[4];
+    cpu->ops->argmax(cpu, x, R, V, want);
+    float *dx = dev_floats(x, R * V);
+    int32_t *dout = dev_bytes(NULL, sizeof have);
+    gpu->ops->argmax(gpu, dx, R, V, dout);
+    gpu->ops->download(gpu, have, dout, sizeof have);
+    cr_assert(!cuda_backend_last_error(gpu), "%s", cuda_backend_last_error(gpu));
+    cr_assert(want[1] == 70000 && want[2] == 248319 && want[3] == 0, "cpu argmax %d %d %d", want[1], want[2], want[3]);
+    for (int r = 0; r < R; r++) cr_assert_eq(have[r], want[r], "argmax row %d: gpu %d, cpu %d", r, have[r], want[r]);
+    void *df[] = {dc, ds, didx, dx, dout};
+    for (int i = 0; i < 5; i++) dev_free(df[i]);
+    void *hf[] = {cache, src, ref, got, x};
+    for (int i = 0; i < 5; i++) free(hf[i]);
+}
+
+/* A recorded op sequence replays with what its device inputs hold at replay time: a rope and
+ * an attention whose positions change between replays, against the CPU at each position. */
+Test(cuda, graph_replay) {
+    cr_assert(gpu->ops->graph_begin && gpu->ops->graph_launch);
+    int nh = 8, nkv = 2, hd = 128, rot = 64;
+    int64_t ctx = 512, nq = nh * hd, ncache = ctx * nkv * hd;
+    backends_new(ctx, 1, 1, 1);
+    rng_seed(14600);
+    float *q = hnormal(nq, 0.0, 1.0), *kc = hnormal(ncache, 0.0, 1.0), *vc = hnormal(ncache, 0.0, 1.0);
+    float *dq = dev_floats(q, nq), *dqr = dev_floats(NULL, nq), *dk = dev_floats(kc, ncache),
+          *dv = dev_floats(vc, ncache), *dout = dev_floats(NULL, nq);
+    int32_t *dpos = dev_bytes(NULL, sizeof(int32_t));
+    cr_assert_eq(gpu->ops->graph_begin(gpu), MF_OK);
+    gpu->ops->copy(gpu, dqr, dq, sizeof(float) * (size_t)nq);
+    gpu->ops->rope(gpu, dqr, 1, nh, hd, rot, dpos, 1e6);
+    gpu->ops->attention(gpu, dqr, dk, dv, dpos, ctx, 1, nh, nkv, hd, 0.1f, dout);
+    void *g = gpu->ops->graph_end(gpu);
+    cr_assert(g, "recording failed: %s", cuda_backend_last_error(gpu));
+    float *qr = malloc(sizeof(float) * (size_t)nq), *ref = malloc(sizeof(float) * (size_t)nq);
+    const int32_t at[] = {0, 1, 63, 64, 65, 300, 511, 7};
+    for (size_t i = 0; i < sizeof at / sizeof at[0]; i++) {
+        gpu->ops->upload(gpu, dpos, &at[i], sizeof(int32_t));
+        gpu->ops->graph_launch(gpu, g);
+        memcpy(qr, q, sizeof(float) * (size_t)nq);
+        cpu->ops->rope(cpu, qr, 1, nh, hd, rot, &at[i], 1e6);
+        cpu->ops->attention(cpu, qr, kc, vc, &at[i], ctx, 1, nh, nkv, hd, 0.1f, ref);
+        char what[64];
+        snprintf(what, sizeof what, "replay at position %d", at[i]);
+        float *got = dev_fetch(dout, nq, what);
+        check_close(got, ref, nq, TOL_MM, what);
+        free(got);
+    }
+    gpu->ops->graph_free(gpu, g);
+    void *df[] = {dq, dqr, dk, dv, dout, dpos};
+    for (int i = 0; i < 6; i++) dev_free(df[i]);
+    void *hf[] = {q, kc, vc, qr, ref};
+    for (int i = 0; i < 5; i++) free(hf[i]);
+}
+
 /* ---- errors: sticky, no exit ---- */
 
 Test(cuda, sticky_error) {
@@ -779,7 +865,8 @@ Test(cuda, sticky_error) {
     float *dq = dev_floats(NULL, 1024);
     cr_assert(!cuda_backend_last_error(gpu));
     /* a head_dim the kernel does not take: refused with a message, then every op is a no-op */
-    gpu->ops->attention(gpu, dq, dq, dq, 0, 1, 1, 1, 1000, 1.0f, dq);
+    int32_t *dpos = dev_bytes(NULL, sizeof(int32_t));
+    gpu->ops->attention(gpu, dq, dq, dq, dpos, 1, 1, 1, 1, 1000, 1.0f, dq);
     const char *e = cuda_backend_last_error(gpu);
     cr_assert(e && strstr(e, "attention"), "no sticky error: %s", e ? e : "(none)");
     float h[4] = {1, 2, 3, 4};

@@ -141,7 +141,8 @@ static void cpu_op_rope(mf_backend *b, float *x, int64_t n_tok, int n_heads, int
 
 typedef struct attn_job {
     const float *q, *kc, *vc;
-    int64_t pos0, n_tok;
+    const int32_t *pos;
+    int64_t n_tok;
     int n_heads, n_kv, hd;
     float scale;
     float *out;
@@ -157,7 +158,7 @@ static void attn_rows(void *ctx, int64_t begin, int64_t end, int thread) {
         int64_t t = row / j->n_heads;
         int h = (int)(row % j->n_heads), kvh = h / group;
         const float *q = j->q + row * j->hd;
-        int64_t last = j->pos0 + t;
+        int64_t last = j->pos[t];
         float mx = -INFINITY;
         for (int64_t p = 0; p <= last; p++) {
             const float *k = j->kc + (p * j->n_kv + kvh) * j->hd;
@@ -183,11 +184,13 @@ static void attn_rows(void *ctx, int64_t begin, int64_t end, int thread) {
 }
 
 static void cpu_op_attention(mf_backend *b, const float *q, const float *k_cache, const float *v_cache,
-                             int64_t pos0, int64_t n_tok, int n_heads, int n_kv, int hd, float scale,
-                             float *out) {
+                             const int32_t *pos, int64_t n_ctx, int64_t n_tok, int n_heads, int n_kv, int hd,
+                             float scale, float *out) {
     cpu_backend *c = cpu(b);
-    attn_job j = {q, k_cache, v_cache, pos0, n_tok, n_heads, n_kv, hd, scale, out, c->scratch, c->scratch_floats};
-    if ((size_t)(pos0 + n_tok) > c->scratch_floats) abort(); /* a caller skipped reserve */
+    attn_job j = {q, k_cache, v_cache, pos, n_tok, n_heads, n_kv, hd, scale, out, c->scratch, c->scratch_floats};
+    if ((size_t)n_ctx > c->scratch_floats) abort(); /* a caller skipped reserve */
+    for (int64_t t = 0; t < n_tok; t++)
+        if (pos[t] < 0 || pos[t] >= n_ctx) abort(); /* a caller broke the op's contract */
     pool_for(c->reference ? NULL : c->pool, n_tok * n_heads, 1, attn_rows, &j);
 }
 
@@ -497,6 +500,23 @@ static void cpu_gather_rows(mf_backend *b, float *dst, const float *src, const i
     for (int64_t i = 0; i < n; i++) memcpy(dst + i * cols, src + (int64_t)idx[i] * cols, sizeof(float) * (size_t)cols);
 }
 
+static void cpu_scatter_rows(mf_backend *b, float *dst, const float *src, const int32_t *idx, int64_t n,
+                             int64_t cols) {
+    (void)b;
+    for (int64_t i = 0; i < n; i++) memcpy(dst + (int64_t)idx[i] * cols, src + i * cols, sizeof(float) * (size_t)cols);
+}
+
+static void cpu_argmax(mf_backend *b, const float *x, int64_t rows, int64_t cols, int32_t *out) {
+    (void)b;
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * cols;
+        int64_t best = 0;
+        for (int64_t i = 1; i < cols; i++)
+            if (xr[i] > xr[best] || (xr[best] != xr[best] && xr[i] == xr[i])) best = i;
+        out[r] = (int32_t)best;
+    }
+}
+
 static void cpu_scatter_add(mf_backend *b, float *y, const float *src, const int32_t *idx, const float *w,
                             int64_t n, int64_t cols) {
     (void)b;
@@ -656,6 +676,8 @@ static const mf_backend_ops cpu_ops = {
     .gated_norm = cpu_gated_norm,
     .router_topk = cpu_router_topk,
     .gather_rows = cpu_gather_rows,
+    .scatter_rows = cpu_scatter_rows,
+    .argmax = cpu_argmax,
     .scatter_add = cpu_scatter_add,
     .add_gated = cpu_add_gated,
     .moe_experts = cpu_moe_experts,

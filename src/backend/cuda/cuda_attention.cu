@@ -1,7 +1,8 @@
 /* cuda_attention.cu - causal grouped-query attention on the GPU: one block per (split of the
  * context, head, token) with an online softmax per warp; when the context is split (long-context
  * decode), a second pass merges the splits' partial results from the reserved scratch.
- * Not the KV cache writes (forward.c copies k and v in). */
+ * The positions are read on the device, so a captured decode step replays at any position.
+ * Not the KV cache writes (forward.c scatters k and v in). */
 #include "backend/cuda/cuda_internal.cuh"
 
 #define ATT_THREADS 128
@@ -20,13 +21,15 @@ size_t cuda_attention_scratch_floats(const mf_backend_limits *lim) {
     return (size_t)splits * 64 * (ATT_MAX_HD + 2);
 }
 
-/* q, out [n_tok][n_heads][hd]; caches [ctx][n_kv][hd]. Block (split, head, token): positions
- * [split * span, (split + 1) * span) up to the token's own. Lane l holds dims l + 32 j.
+/* q, out [n_tok][n_heads][hd]; caches [ctx][n_kv][hd]; pos [n_tok]. Block (split, head, token):
+ * positions [split * span, (split + 1) * span) up to the token's own, span = the context of the
+ * last token over n_split (a split past the context contributes nothing). Lane l holds dims l + 32 j.
  * n_split == 1: out is written normalized; else part_ml [rows][n_split][2] (max, sum) and
  * part_acc [rows][n_split][hd] (unnormalized) for the merge, rows = n_tok * n_heads. */
 __global__ void __launch_bounds__(ATT_THREADS)
-attn_kernel(const float *__restrict__ q, const float *__restrict__ kc, const float *__restrict__ vc, int64_t pos0,
-            int n_heads, int n_kv, int hd, float scale, int64_t span, int n_split, float *__restrict__ out,
+attn_kernel(const float *__restrict__ q, const float *__restrict__ kc, const float *__restrict__ vc,
+            const int32_t *__restrict__ pos, int64_t n_tok, int n_heads, int n_kv, int hd, float scale, int n_split,
+            float *__restrict__ out,
             float *__restrict__ part_ml, float *__restrict__ part_acc) {
     __shared__ float sm[ATT_WARPS], sl[ATT_WARPS];
     __shared__ float sacc[ATT_WARPS][32 * ATT_MAX_J];
@@ -34,7 +37,10 @@ attn_kernel(const float *__restrict__ q, const float *__restrict__ kc, const flo
     const int64_t t = blockIdx.z, row = t * n_heads + h;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int kvh = h / (n_heads / n_kv), nj = (hd + 31) / 32;
-    const int64_t last = pos0 + t; /* inclusive */
+    const int64_t last = pos[t]; /* inclusive */
+    const int64_t ctx = (int64_t)pos[n_tok - 1] + 1;
+    int64_t span = (ctx + n_split - 1) / n_split;
+    if (span < ATT_MIN_SPAN) span = ATT_MIN_SPAN;
     const int64_t p_begin = (int64_t)split * span;
     int64_t p_end = p_begin + span;
     if (p_end > last + 1) p_end = last + 1;
@@ -113,17 +119,17 @@ __global__ void attn_merge_kernel(const float *__restrict__ part_ml, const float
     }
 }
 
-void cuda_op_attention(mf_backend *b, const float *q, const float *k_cache, const float *v_cache, int64_t pos0,
-                       int64_t n_tok, int n_heads, int n_kv, int hd, float scale, float *out) {
+void cuda_op_attention(mf_backend *b, const float *q, const float *k_cache, const float *v_cache, const int32_t *pos,
+                       int64_t n_ctx, int64_t n_tok, int n_heads, int n_kv, int hd, float scale, float *out) {
     cuda_backend *c = cb_of(b);
     if (c->failed || n_tok <= 0 || n_heads <= 0) return;
     if (hd <= 0 || hd > 32 * ATT_MAX_J || n_kv <= 0 || n_heads % n_kv || n_tok > 65535 || n_heads > 65535 ||
-        pos0 < 0) {
-        cb_fail(c, "attention: %d heads, %d kv heads, head_dim %d, %lld tokens at %lld not supported", n_heads, n_kv,
-                hd, (long long)n_tok, (long long)pos0);
+        n_ctx < n_tok || n_ctx > INT32_MAX) {
+        cb_fail(c, "attention: %d heads, %d kv heads, head_dim %d, %lld tokens in a context of %lld not supported",
+                n_heads, n_kv, hd, (long long)n_tok, (long long)n_ctx);
         return;
     }
-    const int64_t ctx = pos0 + n_tok, rows = n_tok * n_heads;
+    const int64_t ctx = n_ctx, rows = n_tok * n_heads;
     /* split the context when there are too few token-heads to fill the device */
     int64_t want = ((int64_t)c->n_sm * 4 + rows - 1) / rows;
     int64_t max_by_len = (ctx + ATT_MIN_SPAN - 1) / ATT_MIN_SPAN;
@@ -132,11 +138,9 @@ void cuda_op_attention(mf_backend *b, const float *q, const float *k_cache, cons
     int64_t fit = c->scratch_floats / ((size_t)rows * (size_t)(hd + 2));
     if (n_split > fit) n_split = fit;
     if (n_split < 1) n_split = 1;
-    const int64_t span = (ctx + n_split - 1) / n_split;
-    n_split = (ctx + span - 1) / span;
     float *part_ml = n_split > 1 ? c->scratch : NULL, *part_acc = n_split > 1 ? c->scratch + rows * n_split * 2 : NULL;
     dim3 grid((unsigned)n_split, (unsigned)n_heads, (unsigned)n_tok);
-    attn_kernel<<<grid, ATT_THREADS, 0, c->stream>>>(q, k_cache, v_cache, pos0, n_heads, n_kv, hd, scale, span,
+    attn_kernel<<<grid, ATT_THREADS, 0, c->stream>>>(q, k_cache, v_cache, pos, n_tok, n_heads, n_kv, hd, scale,
                                                      (int)n_split, out, part_ml, part_acc);
     if (CB_LAUNCHED(c, "attention")) return;
     if (n_split > 1) {

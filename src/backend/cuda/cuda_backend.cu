@@ -287,6 +287,46 @@ static uint64_t cb_mem_free(mf_backend *b) {
     return fr;
 }
 
+/* ---- captured op sequences: CUDA graphs of the compute stream ---- */
+
+static mf_status cb_graph_begin(mf_backend *b) {
+    cuda_backend *c = cb_of(b);
+    if (c->failed) return MF_ERR_INTERNAL;
+    cb_upload_fence(b); /* the fence's wait must not be part of the recording */
+    /* thread-local: the expert store's threads may go on calling CUDA meanwhile */
+    if (cb_check(c, cudaStreamBeginCapture(c->stream, cudaStreamCaptureModeThreadLocal), "graph_begin"))
+        return MF_ERR_INTERNAL;
+    return MF_OK;
+}
+
+static void *cb_graph_end(mf_backend *b) {
+    cuda_backend *c = cb_of(b);
+    cudaGraph_t g = NULL;
+    cudaGraphExec_t exec = NULL;
+    cudaError_t e = cudaStreamEndCapture(c->stream, &g);
+    if (!c->failed && !cb_check(c, e, "graph_end"))
+        cb_check(c, cudaGraphInstantiate(&exec, g, 0), "graph_instantiate");
+    if (g) cudaGraphDestroy(g);
+    if (c->failed && exec) {
+        cudaGraphExecDestroy(exec);
+        exec = NULL;
+    }
+    return exec;
+}
+
+static void cb_graph_launch(mf_backend *b, void *graph) {
+    cuda_backend *c = cb_of(b);
+    if (c->failed || !graph) return;
+    cb_check(c, cudaGraphLaunch((cudaGraphExec_t)graph, c->stream), "graph_launch");
+}
+
+static void cb_graph_free(mf_backend *b, void *graph) {
+    if (!graph) return;
+    cuda_backend *c = cb_of(b);
+    cudaStreamSynchronize(c->stream);
+    cb_check(c, cudaGraphExecDestroy((cudaGraphExec_t)graph), "graph_free");
+}
+
 static const mf_backend_ops cuda_ops = {
     /* .name = */ "cuda",
     /* .host_memory = */ 0,
@@ -315,6 +355,8 @@ static const mf_backend_ops cuda_ops = {
     /* .gated_norm = */ cuda_op_gated_norm,
     /* .router_topk = */ cuda_op_router_topk,
     /* .gather_rows = */ cuda_op_gather_rows,
+    /* .scatter_rows = */ cuda_op_scatter_rows,
+    /* .argmax = */ cuda_op_argmax,
     /* .scatter_add = */ cuda_op_scatter_add,
     /* .add_gated = */ cuda_op_add_gated,
     /* .moe_experts = */ cuda_op_moe_experts,
@@ -323,6 +365,10 @@ static const mf_backend_ops cuda_ops = {
     /* .upload_async = */ cb_upload_async,
     /* .upload_done = */ cb_upload_done,
     /* .upload_fence = */ cb_upload_fence,
+    /* .graph_begin = */ cb_graph_begin,
+    /* .graph_end = */ cb_graph_end,
+    /* .graph_launch = */ cb_graph_launch,
+    /* .graph_free = */ cb_graph_free,
 };
 
 extern "C" int cuda_backend_available(void) {

@@ -108,8 +108,8 @@ void cuda_op_gated_norm(mf_backend *b, float *o, const float *w, const float *z,
 void cuda_op_rope(mf_backend *b, float *x, int64_t n_tok, int n_heads, int head_dim, int rot_dim,
                   const int32_t *pos, double theta);
 /* cuda_attention.cu */
-void cuda_op_attention(mf_backend *b, const float *q, const float *k_cache, const float *v_cache, int64_t pos0,
-                       int64_t n_tok, int n_heads, int n_kv, int hd, float scale, float *out);
+void cuda_op_attention(mf_backend *b, const float *q, const float *k_cache, const float *v_cache, const int32_t *pos,
+                       int64_t n_ctx, int64_t n_tok, int n_heads, int n_kv, int hd, float scale, float *out);
 size_t cuda_attention_scratch_floats(const mf_backend_limits *lim);
 /* cuda_conv1d.cu */
 void cuda_op_conv1d_silu(mf_backend *b, const float *x, float *state, const float *w, int64_t n_tok, int64_t C,
@@ -135,6 +135,8 @@ size_t cuda_moe_act_floats(const mf_backend_limits *lim);
 void cuda_op_copy_rows(mf_backend *b, float *dst, int64_t dst_stride, const float *src, int64_t src_stride,
                        int64_t rows, int64_t cols);
 void cuda_op_gather_rows(mf_backend *b, float *dst, const float *src, const int32_t *idx, int64_t n, int64_t cols);
+void cuda_op_scatter_rows(mf_backend *b, float *dst, const float *src, const int32_t *idx, int64_t n, int64_t cols);
+void cuda_op_argmax(mf_backend *b, const float *x, int64_t rows, int64_t cols, int32_t *out);
 void cuda_op_scatter_add(mf_backend *b, float *y, const float *src, const int32_t *idx, const float *w, int64_t n,
                          int64_t cols);
 
