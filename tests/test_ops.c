@@ -163,6 +163,44 @@ Test(ops, rmsnorm) {
     cr_log_info("rmsnorm: worst relative error %.3g", worst);
 }
 
+/* ---- add_rmsnorm: x += a, then y = rmsnorm(x) * w ---- */
+
+Test(ops, add_rmsnorm) {
+    const int64_t rows = 3, dim = 2048, n = rows * dim;
+    const float eps = 1e-6f;
+    for (int p = 0; p < N_PATHS; p++) {
+        rng_seed(150 + (uint64_t)p);
+        float *x = buf_alloc(n), *a = buf_alloc(n), *w = buf_alloc(dim), *y = buf_alloc(n);
+        fill_normal(x, n, 0.2, 1.5);
+        fill_normal(a, n, -0.1, 0.7);
+        fill_normal(w, dim, 1.0, 0.5);
+        double *sum = dalloc(n), *ref = dalloc(n);
+        for (int64_t r = 0; r < rows; r++) {
+            double ss = 0;
+            for (int64_t i = 0; i < dim; i++) {
+                sum[r * dim + i] = (double)(x[r * dim + i] + a[r * dim + i]); /* the f32 sum, as x holds it */
+                ss += sum[r * dim + i] * sum[r * dim + i];
+            }
+            double inv = 1.0 / sqrt(ss / (double)dim + (double)eps);
+            for (int64_t i = 0; i < dim; i++) ref[r * dim + i] = sum[r * dim + i] * inv * w[i];
+        }
+        be[p]->ops->add_rmsnorm(be[p], x, a, w, rows, dim, eps, y);
+        check_written(x, n, "add_rmsnorm sum");
+        check_written(y, n, "add_rmsnorm output");
+        for (int64_t i = 0; i < n; i++) {
+            cr_assert(x[i] == (float)sum[i], "add_rmsnorm %s: x[%lld] is not x + a", path_name[p], (long long)i);
+            cr_assert(fabs((double)y[i] - ref[i]) <= 2e-6 * fabs(ref[i]) + 1e-30, "add_rmsnorm %s: element %lld",
+                      path_name[p], (long long)i);
+        }
+        free(x);
+        free(a);
+        free(w);
+        free(y);
+        free(sum);
+        free(ref);
+    }
+}
+
 /* ---- rope: pair (i, i + rot/2) rotates by pos * theta^(-2i/rot); dims >= rot unchanged ---- */
 
 Test(ops, rope) {

@@ -60,12 +60,20 @@ typedef struct mf_backend_ops {
     /* ---- compute (all pointers are backend memory) ---- */
     /* y[t][r] = sum_c W[r][c] * x[t][c] for t < n_tok; x [n_tok][cols], y [n_tok][rows]. */
     void (*matmul)(mf_backend *b, const mf_wmat *w, const float *x, int64_t n_tok, float *y);
+    /* y[j] = x W[j]^T for j < n_w (at most 4), as n_w matmuls of one x: one launch where the
+     * backend can (same type and columns). */
+    void (*matmul_multi)(mf_backend *b, int n_w, const mf_wmat *w, const float *x, int64_t n_tok,
+                         float *const *y);
     /* out[t][:] = row ids[t] of W, dequantized; out [n_tok][cols]. */
     void (*embed)(mf_backend *b, const mf_wmat *w, const int32_t *ids, int64_t n_tok, float *out);
     /* y[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w (w NULL: no scaling); x, y [n_rows][dim];
      * y may equal x. */
     void (*rmsnorm)(mf_backend *b, const float *x, const float *w, int64_t n_rows, int64_t dim,
                     float eps, float *y);
+    /* x += a, then y = rmsnorm(x) * w as rmsnorm does (the residual add and the next norm in
+     * one step); x, a, y [n_rows][dim], y distinct from x and a. */
+    void (*add_rmsnorm)(mf_backend *b, float *x, const float *a, const float *w, int64_t n_rows,
+                        int64_t dim, float eps, float *y);
     /* Rotary embedding in place on x [n_tok][n_heads][head_dim]: for i < rot_dim/2 the pair
      * (i, i + rot_dim/2) rotates by angle pos[t] * theta^(-2i/rot_dim) (rotate_half); the angle
      * is computed in f32 as transformers does. pos [n_tok]. */

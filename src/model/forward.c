@@ -22,16 +22,14 @@ static void attention_block(mf_session *s, int l, int n) {
     int rot = (int)(hd * hp->partial_rotary + 0.5);
     int64_t qw = (int64_t)nh * hd, kvw = (int64_t)nkv * hd;
     float *q = s->big2, *k = s->big3, *v = s->big4, *attn = s->big5, *gate = s->big6;
+    const mf_wmat proj[3] = {lw->q_proj, lw->k_proj, lw->v_proj};
+    float *const out[3] = {hp->attn_output_gate ? s->big1 : q, k, v};
+    OPS->matmul_multi(be, 3, proj, s->h, n, out);
     if (hp->attn_output_gate) {
         /* q_proj yields per head [q | gate] */
-        OPS->matmul(be, &lw->q_proj, s->h, n, s->big1);
         OPS->copy_rows(be, q, hd, s->big1, 2 * hd, (int64_t)n * nh, hd);
         OPS->copy_rows(be, gate, hd, s->big1 + hd, 2 * hd, (int64_t)n * nh, hd);
-    } else {
-        OPS->matmul(be, &lw->q_proj, s->h, n, q);
     }
-    OPS->matmul(be, &lw->k_proj, s->h, n, k);
-    OPS->matmul(be, &lw->v_proj, s->h, n, v);
     OPS->rmsnorm(be, q, lw->q_norm, (int64_t)n * nh, hd, (float)hp->rms_eps, q);
     OPS->rmsnorm(be, k, lw->k_norm, (int64_t)n * nkv, hd, (float)hp->rms_eps, k);
     OPS->rope(be, q, n, nh, hd, rot, s->d_positions, hp->rope_theta);
@@ -56,14 +54,18 @@ static void linear_block(mf_session *s, int l, int n) {
     float *qkv = s->big1, *conv = s->big2, *z = s->big3, *o = s->big5;
     float *q = s->big4, *k = s->big4 + (int64_t)n * kd, *v = s->big6;
     float *b = s->small1, *a = s->small2, *g = s->small3, *beta = s->small4;
-    OPS->matmul(be, &lw->in_qkv, s->h, n, qkv);
-    OPS->matmul(be, &lw->in_z, s->h, n, z);
-    OPS->matmul(be, &lw->in_b, s->h, n, b);
-    OPS->matmul(be, &lw->in_a, s->h, n, a);
+    const mf_wmat proj[4] = {lw->in_qkv, lw->in_z, lw->in_b, lw->in_a};
+    float *const out[4] = {qkv, z, b, a};
+    OPS->matmul_multi(be, 4, proj, s->h, n, out);
     OPS->conv1d_silu(be, qkv, s->conv_state[l], lw->conv, n, C, hp->lin_conv_kernel, conv);
-    OPS->copy_rows(be, q, kd, conv, C, n, kd);
-    OPS->copy_rows(be, k, kd, conv + kd, C, n, kd);
-    OPS->copy_rows(be, v, vd, conv + 2 * kd, C, n, vd);
+    if (n == 1) {
+        /* one token: q, k and v are contiguous pieces of the conv output */
+        q = conv, k = conv + kd, v = conv + 2 * kd;
+    } else {
+        OPS->copy_rows(be, q, kd, conv, C, n, kd);
+        OPS->copy_rows(be, k, kd, conv + kd, C, n, kd);
+        OPS->copy_rows(be, v, vd, conv + 2 * kd, C, n, vd);
+    }
     OPS->l2norm(be, q, (int64_t)n * Hk, dk, 1e-6f, 1.0f / sqrtf((float)dk));
     OPS->l2norm(be, k, (int64_t)n * Hk, dk, 1e-6f, 1.0f);
     OPS->dn_gates(be, a, b, lw->A_log, lw->dt_bias, n, Hv, g, beta);
@@ -146,16 +148,25 @@ static mf_status moe_block(mf_session *s, int l, int n) {
     mf_expert_layout lay;
     expert_layout(EL, &lay);
     MARK(other);
-    OPS->matmul(be, &lw->router, s->h, n, s->small1);
-    OPS->router_topk(be, s->small1, n, E, K, hp->norm_topk_prob, s->d_topk_ids, s->d_topk_w);
     /* every expert of the layer in backend memory: the choice never leaves the device */
     if (n <= FUSED_MAX_TOKENS && m->dcache && dev_cache_layer_resident(m->dcache, l)) {
+        /* the router and the shared expert's input projections read h together */
+        const mf_wmat proj[4] = {lw->router, lw->sh_gate, lw->sh_up, lw->sh_gate_w};
+        float *const out[4] = {s->small1, s->big2, s->big3, s->small2};
+        OPS->matmul_multi(be, lw->has_shared ? 4 : 1, proj, s->h, n, out);
+        OPS->router_topk(be, s->small1, n, E, K, hp->norm_topk_prob, s->d_topk_ids, s->d_topk_w);
         MARK(router);
         OPS->moe_experts(be, s->h, s->d_topk_ids, s->d_topk_w, n, K, dev_cache_table(m->dcache, l), &lay, s->y);
-        if (lw->has_shared) shared_expert(s, lw, n);
+        if (lw->has_shared) {
+            OPS->swiglu(be, s->big2, s->big3, n * lw->sh_gate.rows);
+            OPS->matmul(be, &lw->sh_down, s->big2, n, s->big4);
+            OPS->add_gated(be, s->y, s->big4, s->small2, n, H);
+        }
         MARK(expert_compute);
         return MF_OK;
     }
+    OPS->matmul(be, &lw->router, s->h, n, s->small1);
+    OPS->router_topk(be, s->small1, n, E, K, hp->norm_topk_prob, s->d_topk_ids, s->d_topk_w);
     /* otherwise the choice comes back to the host: it decides which experts to fetch */
     OPS->download(be, s->topk_ids, s->d_topk_ids, sizeof(int32_t) * (size_t)(n * K));
     OPS->download(be, s->topk_w, s->d_topk_w, sizeof(float) * (size_t)(n * K));
@@ -254,13 +265,14 @@ static mf_status forward_layers(mf_session *s, int n) {
     OPS->embed(be, &m->w.embed, s->d_tokens, n, s->x);
     for (int l = 0; l < hp->n_layers; l++) {
         const layer_weights *lw = &m->w.layers[l];
-        OPS->rmsnorm(be, s->x, lw->input_norm, n, H, eps, s->h);
+        /* the previous layer's residual add goes with this layer's first norm */
+        if (l == 0) OPS->rmsnorm(be, s->x, lw->input_norm, n, H, eps, s->h);
+        else OPS->add_rmsnorm(be, s->x, s->y, lw->input_norm, n, H, eps, s->h);
         MARK(other);
         if (hp->layer_kind[l] == MF_LAYER_FULL_ATTENTION) attention_block(s, l, n);
         else linear_block(s, l, n);
         MARK(mixer);
-        OPS->add(be, s->x, s->y, n * H);
-        OPS->rmsnorm(be, s->x, lw->post_norm, n, H, eps, s->h);
+        OPS->add_rmsnorm(be, s->x, s->y, lw->post_norm, n, H, eps, s->h);
         if (hp->layer_moe[l]) {
             mf_status st = moe_block(s, l, n);
             if (st) return st;
@@ -269,8 +281,8 @@ static mf_status forward_layers(mf_session *s, int n) {
             swiglu_mlp(be, &lw->mlp_gate, &lw->mlp_up, &lw->mlp_down, s->h, n, s->big2, s->big3, s->y);
             MARK(expert_compute);
         }
-        OPS->add(be, s->x, s->y, n * H);
     }
+    OPS->add(be, s->x, s->y, n * H);
     return MF_OK;
 }
 

@@ -348,6 +348,55 @@ Test(cuda, matmul_lm_head_q8) {
     cr_log_info("matmul q8 lm_head [248320 x 2048]: relative error %.3g", e);
 }
 
+/* matmul_multi: the projections that read one x in one launch (the DeltaNet in-projections, the
+ * router with the shared expert), each output against the CPU; a set of mixed types (one launch
+ * per matrix) too. */
+static void matmul_multi_case(const mf_qtype *types, const int64_t *rows, int n_w, int64_t cols, int64_t n_tok) {
+    void *hw[4], *dw[4];
+    mf_wmat w[4], dwm[4];
+    float *ref[4], *dy[4];
+    float *x = hnormal(n_tok * cols, 0.0, 1.0), *dx = dev_floats(x, n_tok * cols);
+    for (int j = 0; j < n_w; j++) {
+        hw[j] = make_weights(types[j], rows[j], cols);
+        w[j] = (mf_wmat){types[j], rows[j], cols, hw[j]};
+        ref[j] = malloc(sizeof(float) * (size_t)(n_tok * rows[j]));
+        cpu->ops->matmul(cpu, &w[j], x, n_tok, ref[j]);
+        dw[j] = dev_bytes(hw[j], quant_tensor_bytes(types[j], rows[j], cols));
+        dwm[j] = (mf_wmat){types[j], rows[j], cols, dw[j]};
+        dy[j] = dev_floats(NULL, n_tok * rows[j]);
+    }
+    gpu->ops->matmul_multi(gpu, n_w, dwm, dx, n_tok, dy);
+    for (int j = 0; j < n_w; j++) {
+        char what[128];
+        snprintf(what, sizeof what, "matmul_multi %d/%d %s [%lld x %lld] n_tok %lld", j, n_w, qname(types[j]),
+                 (long long)rows[j], (long long)cols, (long long)n_tok);
+        float *y = dev_fetch(dy[j], n_tok * rows[j], what);
+        check_close(y, ref[j], n_tok * rows[j], TOL_MM, what);
+        free(y);
+        free(hw[j]);
+        free(ref[j]);
+        dev_free(dw[j]);
+        dev_free(dy[j]);
+    }
+    free(x);
+    dev_free(dx);
+}
+
+Test(cuda, matmul_multi) {
+    const mf_qtype q4[4] = {MF_QTYPE_Q4, MF_QTYPE_Q4, MF_QTYPE_Q4, MF_QTYPE_Q4};
+    const mf_qtype q8[4] = {MF_QTYPE_Q8, MF_QTYPE_Q8, MF_QTYPE_Q8, MF_QTYPE_Q8};
+    const mf_qtype mixed[4] = {MF_QTYPE_BF16, MF_QTYPE_Q4, MF_QTYPE_Q8, MF_QTYPE_F32};
+    const int64_t dn[4] = {8192, 4096, 32, 32}, moe[4] = {256, 512, 512, 1}, odd[3] = {7, 1, 300};
+    const int64_t toks[] = {1, 3, 8, 9};
+    for (size_t k = 0; k < sizeof toks / sizeof toks[0]; k++) {
+        rng_seed(3500 + k);
+        matmul_multi_case(q4, dn, 4, 2048, toks[k]);
+        matmul_multi_case(q8, moe, 4, 2048, toks[k]);
+        matmul_multi_case(q4, odd, 3, 64, toks[k]);
+        matmul_multi_case(mixed, moe, 4, 2048, toks[k]);
+    }
+}
+
 /* ---- embed ---- */
 
 Test(cuda, embed) {
@@ -415,6 +464,26 @@ Test(cuda, rmsnorm) {
                 free(ref);
                 free(y);
             }
+}
+
+Test(cuda, add_rmsnorm) {
+    static const struct { int64_t rows, dim; } cases[] = {{1, 2048}, {5, 2048}, {64, 4096}, {3, 64}};
+    for (size_t ci = 0; ci < sizeof cases / sizeof cases[0]; ci++) {
+        rng_seed(6500 + ci);
+        int64_t rows = cases[ci].rows, dim = cases[ci].dim, n = rows * dim;
+        float *x = hnormal(n, 0.3, 2.0), *a = hnormal(n, 0.0, 1.0), *w = hnormal(dim, 1.0, 0.5);
+        float *rx = hcopy(x, n), *ref = malloc(sizeof(float) * (size_t)n);
+        cpu->ops->add_rmsnorm(cpu, rx, a, w, rows, dim, 1e-6f, ref);
+        float *dx = dev_floats(x, n), *da = dev_floats(a, n), *dw = dev_floats(w, dim), *dy = dev_floats(NULL, n);
+        gpu->ops->add_rmsnorm(gpu, dx, da, dw, rows, dim, 1e-6f, dy);
+        float *y = dev_fetch(dy, n, "add_rmsnorm"), *gx = dev_fetch(dx, n, "add_rmsnorm sum");
+        check_close(gx, rx, n, 0.0, "add_rmsnorm sum");
+        check_close(y, ref, n, TOL_EW, "add_rmsnorm");
+        void *df[] = {dx, da, dw, dy};
+        for (int i = 0; i < 4; i++) dev_free(df[i]);
+        void *hf[] = {x, a, w, rx, ref, y, gx};
+        for (int i = 0; i < 7; i++) free(hf[i]);
+    }
 }
 
 Test(cuda, l2norm_and_gated_norm) {

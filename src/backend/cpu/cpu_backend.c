@@ -119,6 +119,17 @@ static void cpu_op_rmsnorm(mf_backend *b, const float *x, const float *w, int64_
     }
 }
 
+static void cpu_op_add_rmsnorm(mf_backend *b, float *x, const float *a, const float *w, int64_t n_rows, int64_t dim,
+                               float eps, float *y) {
+    for (int64_t i = 0; i < n_rows * dim; i++) x[i] += a[i];
+    cpu_op_rmsnorm(b, x, w, n_rows, dim, eps, y);
+}
+
+static void cpu_op_matmul_multi(mf_backend *b, int n_w, const mf_wmat *w, const float *x, int64_t n_tok,
+                                float *const *y) {
+    for (int j = 0; j < n_w; j++) cpu_op_matmul(b, &w[j], x, n_tok, y[j]);
+}
+
 static void cpu_op_rope(mf_backend *b, float *x, int64_t n_tok, int n_heads, int head_dim, int rot_dim,
                         const int32_t *pos, double theta) {
     (void)b;
@@ -661,8 +672,10 @@ static const mf_backend_ops cpu_ops = {
     .sync = cpu_sync,
     .mem_free = cpu_mem_free,
     .matmul = cpu_op_matmul,
+    .matmul_multi = cpu_op_matmul_multi,
     .embed = cpu_op_embed,
     .rmsnorm = cpu_op_rmsnorm,
+    .add_rmsnorm = cpu_op_add_rmsnorm,
     .rope = cpu_op_rope,
     .attention = cpu_op_attention,
     .conv1d_silu = cpu_op_conv1d_silu,

@@ -96,11 +96,14 @@ __device__ __forceinline__ float cb_block_sum(float v, float *sh) {
 
 /* cuda_matmul.cu */
 void cuda_op_matmul(mf_backend *b, const mf_wmat *w, const float *x, int64_t n_tok, float *y);
+void cuda_op_matmul_multi(mf_backend *b, int n_w, const mf_wmat *w, const float *x, int64_t n_tok, float *const *y);
 /* cuda_embed.cu */
 void cuda_op_embed(mf_backend *b, const mf_wmat *w, const int32_t *ids, int64_t n_tok, float *out);
 /* cuda_norm.cu */
 void cuda_op_rmsnorm(mf_backend *b, const float *x, const float *w, int64_t n_rows, int64_t dim, float eps,
                      float *y);
+void cuda_op_add_rmsnorm(mf_backend *b, float *x, const float *a, const float *w, int64_t n_rows, int64_t dim,
+                         float eps, float *y);
 void cuda_op_l2norm(mf_backend *b, float *x, int64_t rows, int dim, float eps, float scale);
 void cuda_op_gated_norm(mf_backend *b, float *o, const float *w, const float *z, int64_t rows, int dim,
                         float eps);

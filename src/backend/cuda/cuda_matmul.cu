@@ -10,31 +10,50 @@
 #define GEMV_SMEM_MAX (96 * 1024) /* x of the tokens of one launch, and the chunk sums */
 #define GEMV_BIG ((uint64_t)64 << 20) /* weight bytes from which one token uses 4 rows per lane */
 
-/* Block of THREADS: x [n_tok][cols] staged as described above, then warps stride over row
- * tiles. A warp issues its first weight loads before the staging, so that they overlap it.
- * y [n_tok][rows]. */
+/* Matrices of one type and one column count that read the same x, run by one launch: matrix j
+ * takes the warps [warp_end[j - 1], warp_end[j]) and writes y[j] [n_tok][rows_j]. */
+#define GEMV_SET_MAX 4
+struct gemv_set {
+    cq_mat m[GEMV_SET_MAX];
+    float *y[GEMV_SET_MAX];
+    int64_t warp_end[GEMV_SET_MAX];
+    int n;
+};
+
+/* Block of THREADS: x [n_tok][cols] staged as described above, then warps stride over the row
+ * tiles of the set's matrices in order. A warp issues its first weight loads before the staging,
+ * so that they overlap it. */
 template <int QT, int NT, int R, int U, int THREADS>
 __global__ void __launch_bounds__(THREADS)
-gemv_kernel(cq_mat m, int64_t nchunks, int lpr_log2, int64_t n_tiles, const float *__restrict__ x, int n_tok,
-            float *__restrict__ y) {
+gemv_kernel(const __grid_constant__ gemv_set set, int64_t nchunks, int lpr_log2, const float *__restrict__ x,
+            int n_tok) {
     constexpr int EPC = cq_traits<QT>::EPC, F = EPC / 4, WARPS = THREADS / 32;
     extern __shared__ float4 xs4[];             /* [n_tok][nchunks][F] swizzled */
     const int64_t nf4 = nchunks * F;
     float *xsum = (float *)(xs4 + n_tok * nf4); /* [n_tok][nchunks], affine types only */
     const int lane = threadIdx.x & 31, lpr = 1 << lpr_log2, li = lane & (lpr - 1);
     const int64_t tiles_per_warp = 32 >> lpr_log2, n_warps = (int64_t)gridDim.x * WARPS;
+    const int64_t total = set.warp_end[set.n - 1];
     int64_t wt = (int64_t)blockIdx.x * WARPS + (threadIdx.x >> 5), r0 = 0, rr[R];
+    int j = 0; /* the matrix of warp tile wt; wt only grows, so j only advances */
     uint4 wv[U][R];
     float A[U][R], B[U][R];
-    bool live = wt * tiles_per_warp < n_tiles; /* the same for the whole warp */
-    if (live) {
-        r0 = (wt * tiles_per_warp + (lane >> lpr_log2)) * R;
+    /* places the warp on tile wt (the same for the whole warp) and issues its first loads */
+    auto place = [&]() -> bool {
+        if (wt >= total) return false;
+        while (wt >= set.warp_end[j]) j++;
+        const int64_t lw = wt - (j ? set.warp_end[j - 1] : 0);
+        const int64_t rows = set.m[j].rows;
+        r0 = (lw * tiles_per_warp + (lane >> lpr_log2)) * R;
 #pragma unroll
-        for (int i = 0; i < R; i++) rr[i] = r0 + i < m.rows ? r0 + i : m.rows - 1; /* clamped for loads */
-        gemv_load<QT, R, U>(m, rr, li, lpr, nchunks, wv, A, B);
-    }
-    gemv_stage<QT>(xs4, xsum, x, n_tok, m.cols, nchunks, THREADS);
+        for (int i = 0; i < R; i++) rr[i] = r0 + i < rows ? r0 + i : rows - 1; /* clamped for loads */
+        gemv_load<QT, R, U>(set.m[j], rr, li, lpr, nchunks, wv, A, B);
+        return true;
+    };
+    bool live = place();
+    gemv_stage<QT>(xs4, xsum, x, n_tok, set.m[0].cols, nchunks, THREADS);
     while (live) {
+        const cq_mat &m = set.m[j];
         float acc[R][NT];
 #pragma unroll
         for (int i = 0; i < R; i++)
@@ -52,6 +71,7 @@ gemv_kernel(cq_mat m, int64_t nchunks, int lpr_log2, int64_t n_tiles, const floa
 #pragma unroll
                 for (int t = 0; t < NT; t++) acc[i][t] += __shfl_xor_sync(0xffffffffu, acc[i][t], o);
         if (li == 0) {
+            float *y = set.y[j];
 #pragma unroll
             for (int i = 0; i < R; i++)
 #pragma unroll
@@ -59,23 +79,18 @@ gemv_kernel(cq_mat m, int64_t nchunks, int lpr_log2, int64_t n_tiles, const floa
                     if (r0 + i < m.rows && t < n_tok) y[t * m.rows + r0 + i] = acc[i][t];
         }
         wt += n_warps;
-        live = wt * tiles_per_warp < n_tiles;
-        if (live) {
-            r0 = (wt * tiles_per_warp + (lane >> lpr_log2)) * R;
-#pragma unroll
-            for (int i = 0; i < R; i++) rr[i] = r0 + i < m.rows ? r0 + i : m.rows - 1;
-            gemv_load<QT, R, U>(m, rr, li, lpr, nchunks, wv, A, B);
-        }
+        live = place();
     }
 }
 
 /* Launches one configuration: a grid no larger than what the device holds at once (the warps
- * then stride over the row tiles). */
+ * then stride over the row tiles). set's warp_end is filled here. */
 template <int QT, int NT, int R, int U, int THREADS>
-static void gemv_launch_cfg(cuda_backend *c, const cq_mat &m, const float *x, int n_tok, float *y) {
+static void gemv_launch_cfg(cuda_backend *c, gemv_set &set, const float *x, int n_tok) {
     static int resident = 0;       /* blocks per multiprocessor at resident_smem (per process) */
     static size_t resident_smem = 0;
-    const size_t smem = gemv_smem<QT>(m.cols, n_tok);
+    const int64_t cols = set.m[0].cols;
+    const size_t smem = gemv_smem<QT>(cols, n_tok);
     if (!resident || smem != resident_smem) {
         if (!resident)
             cb_check(c, cudaFuncSetAttribute(gemv_kernel<QT, NT, R, U, THREADS>,
@@ -90,15 +105,20 @@ static void gemv_launch_cfg(cuda_backend *c, const cq_mat &m, const float *x, in
         resident = nb;
         resident_smem = smem;
     }
-    const int64_t nchunks = m.cols / cq_traits<QT>::EPC;
+    const int64_t nchunks = cols / cq_traits<QT>::EPC;
     int lpr_log2 = 0;
     while (lpr_log2 < 5 && ((int64_t)2 << lpr_log2) <= nchunks) lpr_log2++;
-    const int64_t tiles = (m.rows + R - 1) / R, tiles_per_warp = 32 >> lpr_log2;
-    const int64_t warps = (tiles + tiles_per_warp - 1) / tiles_per_warp;
+    const int64_t tiles_per_warp = 32 >> lpr_log2;
+    int64_t warps = 0;
+    for (int j = 0; j < set.n; j++) {
+        const int64_t tiles = (set.m[j].rows + R - 1) / R;
+        warps += (tiles + tiles_per_warp - 1) / tiles_per_warp; /* a warp's tiles stay in one matrix */
+        set.warp_end[j] = warps;
+    }
     int64_t blocks = (warps + THREADS / 32 - 1) / (THREADS / 32);
     if (blocks > (int64_t)c->n_sm * resident) blocks = (int64_t)c->n_sm * resident;
-    gemv_kernel<QT, NT, R, U, THREADS><<<(unsigned)blocks, THREADS, smem, c->stream>>>(m, nchunks, lpr_log2, tiles, x,
-                                                                                         n_tok, y);
+    gemv_kernel<QT, NT, R, U, THREADS><<<(unsigned)blocks, THREADS, smem, c->stream>>>(set, nchunks, lpr_log2, x,
+                                                                                         n_tok);
 }
 
 /* Rows per lane R and chunks in flight U, by sandbox timings on an H200 (kernel times in CUDA
@@ -106,30 +126,39 @@ static void gemv_launch_cfg(cuda_backend *c, const cq_mat &m, const float *x, in
  * the 248320-row lm head (q4 2.8 TB/s, q8 3.9, bf16 4.4 against a 4.25 TB/s copy); below 64 MB
  * of weights R = 2 gives twice the warps and wins or ties everywhere. */
 template <int QT, int NT>
-static void gemv_launch(cuda_backend *c, const cq_mat &m, const float *x, int n_tok, float *y) {
-    const uint64_t bytes = (uint64_t)m.rows * (uint64_t)m.cols * (uint64_t)quant_bits((mf_qtype)QT) / 8;
+static void gemv_launch(cuda_backend *c, gemv_set &set, const float *x, int n_tok) {
+    uint64_t bytes = 0;
+    for (int j = 0; j < set.n; j++)
+        bytes += (uint64_t)set.m[j].rows * (uint64_t)set.m[j].cols * (uint64_t)quant_bits((mf_qtype)QT) / 8;
     if constexpr (NT == 1) {
-        if (bytes >= GEMV_BIG) gemv_launch_cfg<QT, 1, 4, 2, 256>(c, m, x, n_tok, y);
-        else gemv_launch_cfg<QT, 1, 2, 2, 256>(c, m, x, n_tok, y);
+        if (bytes >= GEMV_BIG) gemv_launch_cfg<QT, 1, 4, 2, 256>(c, set, x, n_tok);
+        else gemv_launch_cfg<QT, 1, 2, 2, 256>(c, set, x, n_tok);
     } else {
-        gemv_launch_cfg<QT, NT, 2, 2, 256>(c, m, x, n_tok, y);
+        gemv_launch_cfg<QT, NT, 2, 2, 256>(c, set, x, n_tok);
     }
 }
 
-/* Tokens go in groups whose x fits the shared memory; returns 0 when not even one token does. */
+/* Tokens go in groups whose x fits the shared memory; returns 0 when not even one token does.
+ * Every matrix of the set has the type QT and the same columns. */
 template <int QT>
-static int gemv_run(cuda_backend *c, const cq_mat &m, const float *x, int64_t n_tok, float *y) {
-    int64_t g = GEMV_SMEM_MAX / (int64_t)gemv_smem<QT>(m.cols, 1);
+static int gemv_run(cuda_backend *c, const cq_mat *ms, int n_m, const float *x, int64_t n_tok, float *const *ys) {
+    const int64_t cols = ms[0].cols;
+    int64_t g = GEMV_SMEM_MAX / (int64_t)gemv_smem<QT>(cols, 1);
     if (g < 1) return 0;
     if (g > 8) g = 8;
     for (int64_t t0 = 0; t0 < n_tok; t0 += g) {
         const int nt = (int)(n_tok - t0 < g ? n_tok - t0 : g);
-        const float *xt = x + t0 * m.cols;
-        float *yt = y + t0 * m.rows;
-        if (nt == 1) gemv_launch<QT, 1>(c, m, xt, nt, yt);
-        else if (nt == 2) gemv_launch<QT, 2>(c, m, xt, nt, yt);
-        else if (nt <= 4) gemv_launch<QT, 4>(c, m, xt, nt, yt);
-        else gemv_launch<QT, 8>(c, m, xt, nt, yt);
+        const float *xt = x + t0 * cols;
+        gemv_set set;
+        set.n = n_m;
+        for (int j = 0; j < n_m; j++) {
+            set.m[j] = ms[j];
+            set.y[j] = ys[j] + t0 * ms[j].rows;
+        }
+        if (nt == 1) gemv_launch<QT, 1>(c, set, xt, nt);
+        else if (nt == 2) gemv_launch<QT, 2>(c, set, xt, nt);
+        else if (nt <= 4) gemv_launch<QT, 4>(c, set, xt, nt);
+        else gemv_launch<QT, 8>(c, set, xt, nt);
     }
     return 1;
 }
@@ -239,8 +268,41 @@ __global__ void zero_kernel(float *y, int64_t n) {
 
 template <int QT>
 static void matmul_typed(cuda_backend *c, const cq_mat &m, bool vec, const float *x, int64_t n_tok, float *y) {
-    if (n_tok <= 8 && vec && gemv_run<QT>(c, m, x, n_tok, y)) return;
+    if (n_tok <= 8 && vec && gemv_run<QT>(c, &m, 1, x, n_tok, &y)) return;
     tiled_launch<QT>(c, m, x, n_tok, y);
+}
+
+/* Whether the GEMV can read w: whole 16-byte chunks of rows and float4s of x. */
+static bool gemv_fits(const mf_wmat *w, const float *x) {
+    const int bytes = w->type == MF_QTYPE_F32 ? 4 : w->type == MF_QTYPE_BF16 ? 2 : 0;
+    return ((uintptr_t)w->data & 15) == 0 && ((uintptr_t)x & 15) == 0 && (bytes == 0 || (w->cols * bytes) % 16 == 0);
+}
+
+void cuda_op_matmul_multi(mf_backend *b, int n_w, const mf_wmat *w, const float *x, int64_t n_tok, float *const *y) {
+    cuda_backend *c = cb_of(b);
+    if (c->failed || n_tok <= 0 || n_w <= 0) return;
+    /* one launch when the matrices share a type and a column count and the GEMV takes them */
+    bool one = n_w <= GEMV_SET_MAX && n_tok <= 8 && w[0].type < MF_QTYPE_COUNT && w[0].cols > 0 &&
+               quant_type_fits(w[0].type, w[0].cols);
+    for (int j = 0; one && j < n_w; j++)
+        one = w[j].type == w[0].type && w[j].cols == w[0].cols && w[j].rows > 0 && gemv_fits(&w[j], x) &&
+              !(w[j].type >= MF_QTYPE_Q8 && ((uintptr_t)w[j].data & 3));
+    if (one) {
+        cq_mat ms[GEMV_SET_MAX];
+        for (int j = 0; j < n_w; j++) ms[j] = cq_mat_of(&w[j]);
+        int done = 0;
+        switch (w[0].type) {
+        case MF_QTYPE_Q4: done = gemv_run<MF_QTYPE_Q4>(c, ms, n_w, x, n_tok, y); break;
+        case MF_QTYPE_Q8: done = gemv_run<MF_QTYPE_Q8>(c, ms, n_w, x, n_tok, y); break;
+        case MF_QTYPE_BF16: done = gemv_run<MF_QTYPE_BF16>(c, ms, n_w, x, n_tok, y); break;
+        default: done = gemv_run<MF_QTYPE_F32>(c, ms, n_w, x, n_tok, y); break;
+        }
+        if (done) {
+            CB_LAUNCHED(c, "matmul_multi");
+            return;
+        }
+    }
+    for (int j = 0; j < n_w; j++) cuda_op_matmul(b, &w[j], x, n_tok, y[j]);
 }
 
 void cuda_op_matmul(mf_backend *b, const mf_wmat *w, const float *x, int64_t n_tok, float *y) {
@@ -261,10 +323,7 @@ void cuda_op_matmul(mf_backend *b, const mf_wmat *w, const float *x, int64_t n_t
         return;
     }
     const cq_mat m = cq_mat_of(w);
-    const int bytes = w->type == MF_QTYPE_F32 ? 4 : w->type == MF_QTYPE_BF16 ? 2 : 0;
-    /* the GEMV reads whole 16-byte chunks of rows and float4s of x */
-    const bool vec = ((uintptr_t)w->data & 15) == 0 && ((uintptr_t)x & 15) == 0 &&
-                     (bytes == 0 || (w->cols * bytes) % 16 == 0);
+    const bool vec = gemv_fits(w, x);
     switch (w->type) {
     case MF_QTYPE_Q4: matmul_typed<MF_QTYPE_Q4>(c, m, vec, x, n_tok, y); break;
     case MF_QTYPE_Q8: matmul_typed<MF_QTYPE_Q8>(c, m, vec, x, n_tok, y); break;
