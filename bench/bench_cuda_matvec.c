@@ -80,7 +80,25 @@ static int bench_moe(mf_backend *be, const char *what, int E, int K, int64_t H, 
     int32_t *htok = malloc(sizeof(int32_t) * (size_t)nt);
     for (int64_t i = 0; i < nt; i++) htok[i] = (int32_t)i;
     be->ops->upload(be, tok, htok, sizeof(int32_t) * (size_t)nt);
-    double per[2] = {0, 0};
+    double per[3] = {0, 0, 0};
+    { /* the fused op in a recorded graph, as a decode step replays it */
+        void *gr = NULL;
+        if (be->ops->graph_begin(be) == MF_OK) {
+            for (int r = 0; r < NS; r++)
+                be->ops->moe_experts(be, x, dids + r * nt * K, dw + r * nt * K, nt, K, (const void *const *)dtab, &lay, y);
+            gr = be->ops->graph_end(be);
+        }
+        int calls = 0;
+        double t0 = now_s(), dt = 0, budget = quick ? 0.05 : 0.3;
+        while (gr && dt < budget) {
+            be->ops->graph_launch(be, gr);
+            calls += NS;
+            be->ops->sync(be);
+            dt = now_s() - t0;
+        }
+        per[2] = calls ? dt / calls : 0;
+        if (gr) be->ops->graph_free(be, gr);
+    }
     for (int way = 0; way < (nt == 1 ? 2 : 1); way++) {
         int calls = 0;
         double t0 = 0, dt = 0, budget = quick ? 0.05 : 0.3;
@@ -120,6 +138,7 @@ static int bench_moe(mf_backend *be, const char *what, int E, int K, int64_t H, 
     double bytes = (double)(K + nt - 1 < E ? K + nt - 1 : E) * 3 * (double)part;
     printf("%-24s K %2d [%lld x %lld] q4 n_tok %lld %7.2f MB: fused %7.2f us %6.0f GB/s", what, K, (long long)I,
            (long long)H, (long long)nt, bytes / 1e6, per[0] * 1e6, bytes / per[0] / 1e9);
+    if (per[2] > 0) printf("; in a graph %7.2f us %6.0f GB/s", per[2] * 1e6, bytes / per[2] / 1e9);
     if (nt == 1) printf("; per-expert ops %7.2f us %6.0f GB/s", per[1] * 1e6, bytes / per[1] / 1e9);
     printf("\n");
     fflush(stdout);
@@ -200,10 +219,13 @@ int main(int argc, char **argv) {
         {"projection", 4096, 4096, 1},          {"lm head", 248320, 2048, 1},
         {"projection", 4096, 4096, 2},          {"projection", 4096, 4096, 8},
         {"projection prefill", 4096, 4096, 64}, {"expert gate/up 35B", 512, 2048, 8},
+        {"DeltaNet in 35B", 12352, 2048, 1},    {"DeltaNet out 35B", 2048, 4096, 1},
     };
     static const mf_qtype types[] = {MF_QTYPE_Q4, MF_QTYPE_Q8, MF_QTYPE_BF16};
-    printf("%-22s %-14s %5s %5s %9s %10s %9s %7s\n", "shape", "[rows x cols]", "type", "n_tok", "MB", "us/call",
-           "GB/s", "%copy");
+    printf("%-22s %-14s %5s %5s %9s %10s %9s %7s %10s %9s %7s\n", "", "", "", "", "", "launched:", "", "",
+           "in graph:", "", "");
+    printf("%-22s %-14s %5s %5s %9s %10s %9s %7s %10s %9s %7s\n", "shape", "[rows x cols]", "type", "n_tok", "MB",
+           "us/call", "GB/s", "%copy", "us/call", "GB/s", "%copy");
     for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++)
         for (size_t ti = 0; ti < sizeof types / sizeof types[0]; ti++) {
             const shape *s = &shapes[si];
@@ -235,27 +257,46 @@ int main(int argc, char **argv) {
                 be->ops->matmul(be, &w, x, s->n_tok, y);
             }
             be->ops->sync(be);
-            int calls = 0;
-            double t0 = now_s(), dt = 0, budget = quick ? 0.05 : 0.3;
-            while (dt < budget) {
-                for (int i = 0; i < n; i++) {
-                    w.data = dw[i];
-                    be->ops->matmul(be, &w, x, s->n_tok, y);
+            double per[2];
+            for (int graph = 0; graph < 2; graph++) {
+                /* back to back launches, then one recorded pass over the copies replayed */
+                void *g = NULL;
+                if (graph && be->ops->graph_begin(be) == MF_OK) {
+                    for (int i = 0; i < n; i++) {
+                        w.data = dw[i];
+                        be->ops->matmul(be, &w, x, s->n_tok, y);
+                    }
+                    g = be->ops->graph_end(be);
                 }
-                calls += n;
-                be->ops->sync(be);
-                dt = now_s() - t0;
+                int calls = 0;
+                double t0 = now_s(), dt = 0, budget = quick ? 0.05 : 0.3;
+                while (dt < budget) {
+                    if (g) {
+                        be->ops->graph_launch(be, g);
+                    } else {
+                        for (int i = 0; i < n; i++) {
+                            w.data = dw[i];
+                            be->ops->matmul(be, &w, x, s->n_tok, y);
+                        }
+                    }
+                    calls += n;
+                    be->ops->sync(be);
+                    dt = now_s() - t0;
+                }
+                per[graph] = dt / calls;
+                if (g) be->ops->graph_free(be, g);
             }
             const char *e = cuda_backend_last_error(be);
             if (e) {
                 fprintf(stderr, "CUDA error: %s\n", e);
                 return 1;
             }
-            double per = dt / calls, gbps = (double)wb / per / 1e9;
+            double gbps = (double)wb / per[0] / 1e9, ggbps = (double)wb / per[1] / 1e9;
             char dims[32];
             snprintf(dims, sizeof dims, "[%lld x %lld]", (long long)s->rows, (long long)s->cols);
-            printf("%-22s %-14s %5s %5lld %9.2f %10.2f %9.0f %6.0f%%\n", s->what, dims, mf_qtype_name(t),
-                   (long long)s->n_tok, wb / 1e6, per * 1e6, gbps, 100.0 * gbps / copy);
+            printf("%-22s %-14s %5s %5lld %9.2f %10.2f %9.0f %6.0f%% %10.2f %9.0f %6.0f%%\n", s->what, dims,
+                   mf_qtype_name(t), (long long)s->n_tok, wb / 1e6, per[0] * 1e6, gbps, 100.0 * gbps / copy,
+                   per[1] * 1e6, ggbps, 100.0 * ggbps / copy);
             fflush(stdout);
             for (int i = 0; i < n; i++) be->ops->free(be, dw[i]);
             free(dw);

@@ -15,6 +15,7 @@ __device__ __forceinline__ int argmax_better(float v, int64_t i, float bv, int64
 /* One block per row of x [rows][cols]: each thread scans a strided share, then the block reduces. */
 __global__ void __launch_bounds__(ARGMAX_THREADS)
 argmax_kernel(const float *__restrict__ x, int64_t cols, int32_t *__restrict__ out) {
+    cb_pdl_trigger();
     __shared__ float sv[ARGMAX_THREADS / 32];
     __shared__ int64_t si[ARGMAX_THREADS / 32];
     const float *xr = x + (int64_t)blockIdx.x * cols;

@@ -31,6 +31,7 @@ attn_kernel(const float *__restrict__ q, const float *__restrict__ kc, const flo
             const int32_t *__restrict__ pos, int64_t n_tok, int n_heads, int n_kv, int hd, float scale, int n_split,
             float *__restrict__ out,
             float *__restrict__ part_ml, float *__restrict__ part_acc) {
+    cb_pdl_trigger();
     __shared__ float sm[ATT_WARPS], sl[ATT_WARPS];
     __shared__ float sacc[ATT_WARPS][32 * ATT_MAX_J];
     const int split = blockIdx.x, h = blockIdx.y;
@@ -104,6 +105,7 @@ attn_kernel(const float *__restrict__ q, const float *__restrict__ kc, const flo
 /* One block per token-head: out = sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M). */
 __global__ void attn_merge_kernel(const float *__restrict__ part_ml, const float *__restrict__ part_acc, int n_split,
                                   int hd, float *__restrict__ out) {
+    cb_pdl_trigger();
     const int64_t row = blockIdx.x;
     const float *ml = part_ml + row * n_split * 2;
     float M = -INFINITY;

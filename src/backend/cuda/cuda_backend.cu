@@ -410,6 +410,7 @@ extern "C" mf_backend *cuda_backend_create(int device, mf_err *err) {
     c->device = device;
     c->n_sm = prop.multiProcessorCount;
     c->smem_optin = (int)prop.sharedMemPerBlockOptin;
+    c->pdl = prop.major >= 9;
     pthread_mutex_init(&c->pinned_lock, NULL);
     e = cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking);
     if (e == cudaSuccess) e = cudaStreamCreateWithFlags(&c->copy_stream, cudaStreamNonBlocking);

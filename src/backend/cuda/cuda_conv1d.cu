@@ -7,6 +7,7 @@
 /* x, out [n_tok][C]; w [C][K]; state [K-1][C], oldest first. */
 __global__ void conv1d_silu_kernel(const float *__restrict__ x, float *__restrict__ state, const float *__restrict__ w,
                                    int64_t n_tok, int64_t C, int K, float *__restrict__ out) {
+    cb_pdl_trigger();
     for (int64_t ch = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; ch < C; ch += (int64_t)gridDim.x * blockDim.x) {
         float win[CONV_MAX_K], wc[CONV_MAX_K];
 #pragma unroll

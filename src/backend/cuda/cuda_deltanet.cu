@@ -16,6 +16,7 @@ __global__ void __launch_bounds__(DN_THREADS)
 deltanet_kernel(const float *__restrict__ q, const float *__restrict__ k, const float *__restrict__ v,
                 const float *__restrict__ g, const float *__restrict__ beta, float *__restrict__ S, int64_t n_tok,
                 int Hk, int Hv, int dk, int dv, int R, int cols_per_block, float *__restrict__ out) {
+    cb_pdl_trigger();
     extern __shared__ float qk[]; /* [2][2][dk]: buffer, (q | k), row */
     const int h = blockIdx.y, kh = h / (Hv / Hk);
     const int p = threadIdx.x % R, c = blockIdx.x * cols_per_block + threadIdx.x / R;

@@ -8,19 +8,23 @@
 
 /* y, x [n] */
 __global__ void add_kernel(float *y, const float *x, int64_t n) {
+    cb_pdl_trigger();
     EW_LOOP(i, n) y[i] += x[i];
 }
 /* x, gate [n] */
 __global__ void mul_sigmoid_kernel(float *x, const float *gate, int64_t n) {
+    cb_pdl_trigger();
     EW_LOOP(i, n) x[i] *= cb_sigmoid(gate[i]);
 }
 /* g, u [n] */
 __global__ void swiglu_kernel(float *g, const float *u, int64_t n) {
+    cb_pdl_trigger();
     EW_LOOP(i, n) g[i] = cb_silu(g[i]) * u[i];
 }
 /* a, bb, g, beta [n_tok][Hv]; A_log, dt_bias [Hv]. softplus with threshold 20, as torch. */
 __global__ void dn_gates_kernel(const float *a, const float *bb, const float *A_log, const float *dt_bias, int64_t n,
                                 int Hv, float *g, float *beta) {
+    cb_pdl_trigger();
     EW_LOOP(i, n) {
         const int h = (int)(i % Hv);
         const float sp = a[i] + dt_bias[h];
@@ -30,6 +34,7 @@ __global__ void dn_gates_kernel(const float *a, const float *bb, const float *A_
 }
 /* y, x [n_tok][cols]; gate [n_tok] */
 __global__ void add_gated_kernel(float *y, const float *x, const float *gate, int64_t n, int64_t cols) {
+    cb_pdl_trigger();
     EW_LOOP(i, n) y[i] += cb_sigmoid(gate[i / cols]) * x[i];
 }
 

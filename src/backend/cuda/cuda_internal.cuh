@@ -26,6 +26,7 @@ typedef struct cuda_backend {
     int failed;                        /* sticky: after the first CUDA error every op is a no-op */
     char err[512];
     int smem_optin;                    /* shared memory a block may opt in to, bytes */
+    int pdl;                           /* programmatic dependent launch (compute capability 9.0+) */
     float *scratch;                    /* device [scratch_floats]: attention split partials */
     size_t scratch_floats;
     float *moe_act;                    /* device [moe_act_floats]: moe_experts' silu(g) * u per pair */
@@ -64,6 +65,45 @@ static inline unsigned cb_blocks(int64_t n, int threads, int64_t max_blocks) {
 /* Blocks for a grid-stride loop over n items: enough to fill the device, no more. */
 static inline unsigned cb_grid(const cuda_backend *c, int64_t n, int threads) {
     return cb_blocks(n, threads, (int64_t)c->n_sm * 16);
+}
+
+/* ---- programmatic dependent launch (sm_90 and later; no-ops before) ----
+ * A kernel launched by cb_launch_dependent may start while the kernel before it still runs: up
+ * to cb_pdl_wait it may only read what no kernel still running writes (weights, and outputs of
+ * kernels two or more launches back), after it everything its predecessors wrote. Every kernel
+ * calls cb_pdl_trigger once all its own predecessors are complete (at its start, or after its
+ * cb_pdl_wait), which lets the next one start early. */
+__device__ __forceinline__ void cb_pdl_trigger(void) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void cb_pdl_wait(void) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+/* Launches kernel on the compute stream so that it may overlap the end of the kernel before it
+ * (programmatic stream serialization) where the device has it, as a plain launch elsewhere. */
+template <typename... KArgs, typename... Args>
+static inline void cb_launch_dependent(const cuda_backend *c, void (*kernel)(KArgs...), dim3 grid, dim3 block,
+                                       size_t smem, Args... args) {
+    if (!c->pdl) {
+        kernel<<<grid, block, smem, c->stream>>>(args...);
+        return;
+    }
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = c->stream;
+    cudaLaunchAttribute at[1];
+    at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    at[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = at;
+    cfg.numAttrs = 1;
+    cudaLaunchKernelEx(&cfg, kernel, ((KArgs)args)...); /* errors surface in CB_LAUNCHED */
 }
 
 /* ---- device helpers ---- */

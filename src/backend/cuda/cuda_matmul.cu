@@ -8,7 +8,9 @@
  * Each block stages x of its tokens, then its warps stride over row tiles. */
 
 #define GEMV_SMEM_MAX (96 * 1024) /* x of the tokens of one launch, and the chunk sums */
+#ifndef GEMV_BIG
 #define GEMV_BIG ((uint64_t)64 << 20) /* weight bytes from which one token uses 4 rows per lane */
+#endif
 
 /* Matrices of one type and one column count that read the same x, run by one launch: matrix j
  * takes the warps [warp_end[j - 1], warp_end[j]) and writes y[j] [n_tok][rows_j]. */
@@ -51,6 +53,9 @@ gemv_kernel(const __grid_constant__ gemv_set set, int64_t nchunks, int lpr_log2,
         return true;
     };
     bool live = place();
+    /* launched dependent: the weight loads above overlap the kernel before, x is its output */
+    cb_pdl_wait();
+    cb_pdl_trigger();
     gemv_stage<QT>(xs4, xsum, x, n_tok, set.m[0].cols, nchunks, THREADS);
     while (live) {
         const cq_mat &m = set.m[j];
@@ -117,8 +122,8 @@ static void gemv_launch_cfg(cuda_backend *c, gemv_set &set, const float *x, int 
     }
     int64_t blocks = (warps + THREADS / 32 - 1) / (THREADS / 32);
     if (blocks > (int64_t)c->n_sm * resident) blocks = (int64_t)c->n_sm * resident;
-    gemv_kernel<QT, NT, R, U, THREADS><<<(unsigned)blocks, THREADS, smem, c->stream>>>(set, nchunks, lpr_log2, x,
-                                                                                         n_tok);
+    cb_launch_dependent(c, gemv_kernel<QT, NT, R, U, THREADS>, dim3((unsigned)blocks), dim3(THREADS), smem, set,
+                        nchunks, lpr_log2, x, n_tok);
 }
 
 /* Rows per lane R and chunks in flight U, by sandbox timings on an H200 (kernel times in CUDA
@@ -202,6 +207,7 @@ __device__ __forceinline__ void tile_row16(const cq_mat &m, int64_t r, int64_t k
 template <int QT>
 __global__ void __launch_bounds__(256)
 tiled_kernel(cq_mat m, const float *__restrict__ x, int64_t n_tok, int x_vec, float *__restrict__ y) {
+    cb_pdl_trigger();
     __shared__ __align__(16) float ws[TB_K][TB_M + 4]; /* [k][row] */
     __shared__ __align__(16) float xs[TB_K][TB_N + 4]; /* [k][token] */
     const int tid = threadIdx.x, tr = tid >> 4, tc = tid & 15;
@@ -262,6 +268,7 @@ static void tiled_launch(cuda_backend *c, const cq_mat &m, const float *x, int64
 }
 
 __global__ void zero_kernel(float *y, int64_t n) {
+    cb_pdl_trigger();
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
         y[i] = 0.0f;
 }
@@ -278,31 +285,51 @@ static bool gemv_fits(const mf_wmat *w, const float *x) {
     return ((uintptr_t)w->data & 15) == 0 && ((uintptr_t)x & 15) == 0 && (bytes == 0 || (w->cols * bytes) % 16 == 0);
 }
 
+/* Runs the set of matrices sharing w[0]'s type and columns in one GEMV launch; 0 when it cannot. */
+static int matmul_set(cuda_backend *c, const mf_wmat *const *w, int n, const float *x, int64_t n_tok,
+                      float *const *y) {
+    cq_mat ms[GEMV_SET_MAX];
+    for (int j = 0; j < n; j++) ms[j] = cq_mat_of(w[j]);
+    switch (w[0]->type) {
+    case MF_QTYPE_Q4: return gemv_run<MF_QTYPE_Q4>(c, ms, n, x, n_tok, y);
+    case MF_QTYPE_Q8: return gemv_run<MF_QTYPE_Q8>(c, ms, n, x, n_tok, y);
+    case MF_QTYPE_BF16: return gemv_run<MF_QTYPE_BF16>(c, ms, n, x, n_tok, y);
+    default: return gemv_run<MF_QTYPE_F32>(c, ms, n, x, n_tok, y);
+    }
+}
+
 void cuda_op_matmul_multi(mf_backend *b, int n_w, const mf_wmat *w, const float *x, int64_t n_tok, float *const *y) {
     cuda_backend *c = cb_of(b);
     if (c->failed || n_tok <= 0 || n_w <= 0) return;
-    /* one launch when the matrices share a type and a column count and the GEMV takes them */
-    bool one = n_w <= GEMV_SET_MAX && n_tok <= 8 && w[0].type < MF_QTYPE_COUNT && w[0].cols > 0 &&
-               quant_type_fits(w[0].type, w[0].cols);
-    for (int j = 0; one && j < n_w; j++)
-        one = w[j].type == w[0].type && w[j].cols == w[0].cols && w[j].rows > 0 && gemv_fits(&w[j], x) &&
-              !(w[j].type >= MF_QTYPE_Q8 && ((uintptr_t)w[j].data & 3));
-    if (one) {
-        cq_mat ms[GEMV_SET_MAX];
-        for (int j = 0; j < n_w; j++) ms[j] = cq_mat_of(&w[j]);
-        int done = 0;
-        switch (w[0].type) {
-        case MF_QTYPE_Q4: done = gemv_run<MF_QTYPE_Q4>(c, ms, n_w, x, n_tok, y); break;
-        case MF_QTYPE_Q8: done = gemv_run<MF_QTYPE_Q8>(c, ms, n_w, x, n_tok, y); break;
-        case MF_QTYPE_BF16: done = gemv_run<MF_QTYPE_BF16>(c, ms, n_w, x, n_tok, y); break;
-        default: done = gemv_run<MF_QTYPE_F32>(c, ms, n_w, x, n_tok, y); break;
-        }
-        if (done) {
-            CB_LAUNCHED(c, "matmul_multi");
-            return;
-        }
+    if (n_w > GEMV_SET_MAX) {
+        cb_fail(c, "matmul_multi: %d matrices (at most %d)", n_w, GEMV_SET_MAX);
+        return;
     }
-    for (int j = 0; j < n_w; j++) cuda_op_matmul(b, &w[j], x, n_tok, y[j]);
+    /* the matrices the GEMV takes go in one launch per type and column count, the rest alone */
+    int gemv[GEMV_SET_MAX], done[GEMV_SET_MAX] = {0};
+    for (int j = 0; j < n_w; j++) {
+        const mf_wmat *wj = &w[j];
+        gemv[j] = n_tok <= 8 && wj->type < MF_QTYPE_COUNT && wj->cols > 0 && wj->rows > 0 &&
+                  quant_type_fits(wj->type, wj->cols) && gemv_fits(wj, x) &&
+                  !(wj->type >= MF_QTYPE_Q8 && ((uintptr_t)wj->data & 3));
+    }
+    for (int j = 0; j < n_w; j++) {
+        if (!gemv[j] || done[j]) continue;
+        const mf_wmat *set[GEMV_SET_MAX];
+        float *ys[GEMV_SET_MAX];
+        int n = 0, members[GEMV_SET_MAX];
+        for (int k = j; k < n_w; k++)
+            if (gemv[k] && !done[k] && w[k].type == w[j].type && w[k].cols == w[j].cols) {
+                set[n] = &w[k];
+                ys[n] = y[k];
+                members[n++] = k;
+            }
+        if (!matmul_set(c, set, n, x, n_tok, ys)) break; /* x too wide for the GEMV: one by one below */
+        for (int i = 0; i < n; i++) done[members[i]] = 1;
+        CB_LAUNCHED(c, "matmul_multi");
+    }
+    for (int j = 0; j < n_w; j++)
+        if (!done[j]) cuda_op_matmul(b, &w[j], x, n_tok, y[j]);
 }
 
 void cuda_op_matmul(mf_backend *b, const mf_wmat *w, const float *x, int64_t n_tok, float *y) {

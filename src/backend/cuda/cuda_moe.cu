@@ -52,6 +52,9 @@ template <int QT, int R, int U>
 __global__ void __launch_bounds__(MOE_MAX_THREADS)
 moe_gate_up_kernel(const float *__restrict__ x, const int32_t *__restrict__ ids, const void *const *__restrict__ blobs,
                    moe_geo g, float *__restrict__ act) {
+    /* launched dependent: the choice (ids) is the output of the kernel before */
+    cb_pdl_wait();
+    cb_pdl_trigger();
     extern __shared__ float4 xs4[];                      /* [nchunks][F] swizzled */
     float *xsum = (float *)(xs4 + g.nchunks * (cq_traits<QT>::EPC / 4)); /* [nchunks], affine types */
     const int64_t p = blockIdx.x / g.blocks_per_item, bi = blockIdx.x % g.blocks_per_item, t = p / g.K;
@@ -133,6 +136,10 @@ moe_down_kernel(const float *__restrict__ act, const int32_t *__restrict__ ids, 
 #pragma unroll
         for (int u = 0; u < U; u++)
             if (u < total) moe_down_load<QT, R>(base, g, S, u, li, lpr, rr, wv[u], A[u], B[u]);
+    /* launched dependent after gate/up, which started only once the choice was complete: the
+     * choice and the weights were readable above, act (gate/up's output) only from here */
+    cb_pdl_wait();
+    cb_pdl_trigger();
     gemv_stage<QT>(xs4, xsum, act + t * g.K * g.inter, g.K, g.inter, g.nchunks, blockDim.x);
     if (!live) return;
     float acc[R], ya[R];
@@ -200,10 +207,18 @@ static int moe_smem_ok(cuda_backend *c, Kernel k, size_t smem, size_t static_sme
     return 1;
 }
 
+#ifndef MOE_GU_R
 #define MOE_GU_R 2
+#endif
+#ifndef MOE_GU_U
 #define MOE_GU_U 2
+#endif
+#ifndef MOE_DN_R
 #define MOE_DN_R 2
+#endif
+#ifndef MOE_DN_U
 #define MOE_DN_U 4
+#endif
 
 template <int QT>
 static void moe_gate_up(cuda_backend *c, const float *x, const int32_t *ids, const void *const *blobs, moe_geo g,
@@ -219,7 +234,8 @@ static void moe_gate_up(cuda_backend *c, const float *x, const int32_t *ids, con
         cb_fail(c, "moe_experts: hidden %lld needs %zu bytes of shared memory", (long long)g.hidden, smem);
         return;
     }
-    k<<<(unsigned)(pairs * g.blocks_per_item), threads, smem, c->stream>>>(x, ids, blobs, g, c->moe_act);
+    cb_launch_dependent(c, k, dim3((unsigned)(pairs * g.blocks_per_item)), dim3(threads), smem, x, ids, blobs, g,
+                        c->moe_act);
 }
 
 template <int QT>
@@ -237,7 +253,8 @@ static void moe_down(cuda_backend *c, const int32_t *ids, const float *w, const 
                 smem);
         return;
     }
-    k<<<(unsigned)(n_tok * g.blocks_per_item), threads, smem, c->stream>>>(c->moe_act, ids, w, blobs, g, y);
+    cb_launch_dependent(c, k, dim3((unsigned)(n_tok * g.blocks_per_item)), dim3(threads), smem,
+                        (const float *)c->moe_act, ids, w, blobs, g, y);
 }
 
 /* Whether a [*, cols] matrix of type t can be read by the GEMV: whole 16-byte chunks per row. */

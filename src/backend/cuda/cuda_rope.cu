@@ -7,6 +7,7 @@
  * double, rounded to float; angle = (float)pos * inv_freq in f32. */
 __global__ void rope_kernel(float *x, int n_heads, int head_dim, int rot_dim, const int32_t *__restrict__ pos,
                             double theta) {
+    cb_pdl_trigger();
     const int64_t t = blockIdx.y;
     const int half = rot_dim / 2;
     const int i = threadIdx.x % half, h0 = threadIdx.x / half, hstep = blockDim.x / half;

@@ -9,6 +9,7 @@
  * idx == NULL: source row r is r. dst[r][:] = src[idx[r]][:], strides in floats. */
 __global__ void rows_copy_kernel(float *__restrict__ dst, int64_t dst_stride, const float *__restrict__ src,
                                  int64_t src_stride, const int32_t *__restrict__ idx, int64_t rows, int64_t cols) {
+    cb_pdl_trigger();
     const int64_t col = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (col >= cols) return;
     for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
@@ -20,6 +21,7 @@ __global__ void rows_copy_kernel(float *__restrict__ dst, int64_t dst_stride, co
 /* dst [*][cols] rows idx[i] = src[i]; src [n][cols] */
 __global__ void scatter_rows_kernel(float *__restrict__ dst, const float *__restrict__ src,
                                     const int32_t *__restrict__ idx, int64_t n, int64_t cols) {
+    cb_pdl_trigger();
     const int64_t col = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (col >= cols) return;
     for (int64_t i = blockIdx.y; i < n; i += gridDim.y) dst[(int64_t)idx[i] * cols + col] = src[i * cols + col];
@@ -28,6 +30,7 @@ __global__ void scatter_rows_kernel(float *__restrict__ dst, const float *__rest
 /* y [*][cols] rows idx[i] += w[i] * src[i]; src [n][cols] */
 __global__ void scatter_add_kernel(float *__restrict__ y, const float *__restrict__ src, const int32_t *__restrict__ idx,
                                    const float *__restrict__ w, int64_t n, int64_t cols) {
+    cb_pdl_trigger();
     const int64_t col = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (col >= cols) return;
     for (int64_t i = blockIdx.y; i < n; i += gridDim.y) y[(int64_t)idx[i] * cols + col] += w[i] * src[i * cols + col];
