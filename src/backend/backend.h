@@ -163,6 +163,15 @@ typedef struct mf_backend_ops {
      * download and other uploads do not. */
     void (*upload_fence)(mf_backend *b);
 
+    /* ---- a side branch of ops (NULL where the backend runs ops one by one, as on the CPU) ----
+     * Ops issued between branch_begin and branch_end form a side branch that starts after every
+     * op issued before branch_begin; ops issued after branch_end may run concurrently with it
+     * until branch_join, after which every op sees the side branch's results. Only compute ops
+     * may be issued in the side branch, and each begin needs its end and its join. */
+    void (*branch_begin)(mf_backend *b);
+    void (*branch_end)(mf_backend *b);
+    void (*branch_join)(mf_backend *b);
+
     /* ---- captured op sequences (NULL where the backend has none, as on the CPU) ---- */
     /* Starts recording: the compute ops issued until graph_end are recorded, not run, with the
      * pointers and scalars they were given; memory ops, uploads and downloads must not be issued

@@ -150,18 +150,26 @@ static mf_status moe_block(mf_session *s, int l, int n) {
     MARK(other);
     /* every expert of the layer in backend memory: the choice never leaves the device */
     if (n <= FUSED_MAX_TOKENS && m->dcache && dev_cache_layer_resident(m->dcache, l)) {
-        /* the router and the shared expert's input projections read h together */
-        const mf_wmat proj[4] = {lw->router, lw->sh_gate, lw->sh_up, lw->sh_gate_w};
-        float *const out[4] = {s->small1, s->big2, s->big3, s->small2};
-        OPS->matmul_multi(be, lw->has_shared ? 4 : 1, proj, s->h, n, out);
+        const int branch = lw->has_shared && OPS->branch_begin && !s->profile;
+        if (lw->has_shared) {
+            /* the shared expert, beside the routed ones where the backend has branches */
+            if (branch) OPS->branch_begin(be);
+            const mf_wmat sh[2] = {lw->sh_gate, lw->sh_up};
+            float *const sh_out[2] = {s->big2, s->big3};
+            OPS->matmul_multi(be, 2, sh, s->h, n, sh_out);
+            OPS->swiglu(be, s->big2, s->big3, n * lw->sh_gate.rows);
+            OPS->matmul(be, &lw->sh_down, s->big2, n, s->big4);
+            if (branch) OPS->branch_end(be);
+        }
+        /* the router and the shared expert's gate read h together */
+        const mf_wmat proj[2] = {lw->router, lw->sh_gate_w};
+        float *const out[2] = {s->small1, s->small2};
+        OPS->matmul_multi(be, lw->has_shared ? 2 : 1, proj, s->h, n, out);
         OPS->router_topk(be, s->small1, n, E, K, hp->norm_topk_prob, s->d_topk_ids, s->d_topk_w);
         MARK(router);
         OPS->moe_experts(be, s->h, s->d_topk_ids, s->d_topk_w, n, K, dev_cache_table(m->dcache, l), &lay, s->y);
-        if (lw->has_shared) {
-            OPS->swiglu(be, s->big2, s->big3, n * lw->sh_gate.rows);
-            OPS->matmul(be, &lw->sh_down, s->big2, n, s->big4);
-            OPS->add_gated(be, s->y, s->big4, s->small2, n, H);
-        }
+        if (branch) OPS->branch_join(be);
+        if (lw->has_shared) OPS->add_gated(be, s->y, s->big4, s->small2, n, H);
         MARK(expert_compute);
         return MF_OK;
     }

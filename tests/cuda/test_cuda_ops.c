@@ -927,6 +927,43 @@ Test(cuda, graph_replay) {
     for (int i = 0; i < 5; i++) free(hf[i]);
 }
 
+/* A side branch (the shared expert beside the routed ones): its results are seen after the
+ * join, live and replayed from a recorded graph. */
+Test(cuda, branch) {
+    cr_assert(gpu->ops->branch_begin && gpu->ops->branch_end && gpu->ops->branch_join);
+    rng_seed(14700);
+    int64_t n = 1 << 20;
+    float *a = hnormal(n, 0.0, 1.0), *b = hnormal(n, 0.0, 1.0), *ref = hcopy(a, n);
+    for (int64_t i = 0; i < n; i++) ref[i] = 2 * a[i] + b[i]; /* a + a on the side, + b on the main branch */
+    for (int graph = 0; graph < 2; graph++) {
+        float *da = dev_floats(a, n), *db = dev_floats(b, n), *side = dev_floats(a, n), *out = dev_floats(a, n);
+        void *g = NULL;
+        if (graph) cr_assert_eq(gpu->ops->graph_begin(gpu), MF_OK);
+        gpu->ops->branch_begin(gpu);
+        for (int k = 0; k < 8; k++) gpu->ops->copy_rows(gpu, side, 1, da, 1, n, 1); /* long enough to overlap */
+        gpu->ops->add(gpu, side, da, n);
+        gpu->ops->branch_end(gpu);
+        gpu->ops->add(gpu, out, db, n);
+        gpu->ops->branch_join(gpu);
+        gpu->ops->copy_rows(gpu, out, 1, side, 1, n, 1);
+        gpu->ops->add(gpu, out, db, n);
+        if (graph) {
+            g = gpu->ops->graph_end(gpu);
+            cr_assert(g, "recording failed: %s", cuda_backend_last_error(gpu));
+            gpu->ops->graph_launch(gpu, g);
+        }
+        float *got = dev_fetch(out, n, graph ? "branch in a graph" : "branch");
+        check_close(got, ref, n, 0.0, graph ? "branch in a graph" : "branch");
+        if (g) gpu->ops->graph_free(gpu, g);
+        free(got);
+        void *df[] = {da, db, side, out};
+        for (int i = 0; i < 4; i++) dev_free(df[i]);
+    }
+    free(a);
+    free(b);
+    free(ref);
+}
+
 /* ---- errors: sticky, no exit ---- */
 
 Test(cuda, sticky_error) {

@@ -36,7 +36,8 @@ static void cb_destroy(mf_backend *b) {
     if (!b) return;
     cuda_backend *c = cb_of(b);
     cudaSetDevice(c->device);
-    if (c->stream) cudaStreamSynchronize(c->stream);
+    if (c->main_stream) cudaStreamSynchronize(c->main_stream);
+    if (c->side_stream) cudaStreamSynchronize(c->side_stream);
     if (c->copy_stream) cudaStreamSynchronize(c->copy_stream);
     cudaFree(c->scratch);
     cudaFree(c->moe_act);
@@ -49,8 +50,11 @@ static void cb_destroy(mf_backend *b) {
     for (int i = 0; i < CB_UP_RING; i++)
         if (c->up_done[i]) cudaEventDestroy(c->up_done[i]);
     if (c->compute_mark) cudaEventDestroy(c->compute_mark);
+    if (c->fork_mark) cudaEventDestroy(c->fork_mark);
+    if (c->side_done) cudaEventDestroy(c->side_done);
     if (c->copy_stream) cudaStreamDestroy(c->copy_stream);
-    if (c->stream) cudaStreamDestroy(c->stream);
+    if (c->side_stream) cudaStreamDestroy(c->side_stream);
+    if (c->main_stream) cudaStreamDestroy(c->main_stream);
     cudaGetLastError();
     free(c);
 }
@@ -273,6 +277,7 @@ static void cb_copy(mf_backend *b, void *dst, const void *src, size_t bytes) {
 static void cb_sync(mf_backend *b) {
     cuda_backend *c = cb_of(b);
     cb_upload_fence(b);
+    if (!c->failed) cb_check(c, cudaStreamSynchronize(c->side_stream), "sync");
     if (!c->failed) cb_check(c, cudaStreamSynchronize(c->stream), "sync");
     if (!c->failed) c->up_floor = c->up_issued;
 }
@@ -285,6 +290,29 @@ static uint64_t cb_mem_free(mf_backend *b) {
         return 0;
     }
     return fr;
+}
+
+/* ---- side branches: a second stream forked from and joined to the compute stream ---- */
+
+static void cb_branch_begin(mf_backend *b) {
+    cuda_backend *c = cb_of(b);
+    if (c->failed || c->stream != c->main_stream) return;
+    if (!cb_check(c, cudaEventRecord(c->fork_mark, c->main_stream), "branch_begin") &&
+        !cb_check(c, cudaStreamWaitEvent(c->side_stream, c->fork_mark, 0), "branch_begin"))
+        c->stream = c->side_stream;
+}
+
+static void cb_branch_end(mf_backend *b) {
+    cuda_backend *c = cb_of(b);
+    if (c->stream != c->side_stream) return;
+    cb_check(c, cudaEventRecord(c->side_done, c->side_stream), "branch_end");
+    c->stream = c->main_stream;
+}
+
+static void cb_branch_join(mf_backend *b) {
+    cuda_backend *c = cb_of(b);
+    if (c->failed) return;
+    cb_check(c, cudaStreamWaitEvent(c->main_stream, c->side_done, 0), "branch_join");
 }
 
 /* ---- captured op sequences: CUDA graphs of the compute stream ---- */
@@ -367,6 +395,9 @@ static const mf_backend_ops cuda_ops = {
     /* .upload_async = */ cb_upload_async,
     /* .upload_done = */ cb_upload_done,
     /* .upload_fence = */ cb_upload_fence,
+    /* .branch_begin = */ cb_branch_begin,
+    /* .branch_end = */ cb_branch_end,
+    /* .branch_join = */ cb_branch_join,
     /* .graph_begin = */ cb_graph_begin,
     /* .graph_end = */ cb_graph_end,
     /* .graph_launch = */ cb_graph_launch,
@@ -412,7 +443,11 @@ extern "C" mf_backend *cuda_backend_create(int device, mf_err *err) {
     c->smem_optin = (int)prop.sharedMemPerBlockOptin;
     c->pdl = prop.major >= 9;
     pthread_mutex_init(&c->pinned_lock, NULL);
-    e = cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking);
+    e = cudaStreamCreateWithFlags(&c->main_stream, cudaStreamNonBlocking);
+    c->stream = c->main_stream;
+    if (e == cudaSuccess) e = cudaStreamCreateWithFlags(&c->side_stream, cudaStreamNonBlocking);
+    if (e == cudaSuccess) e = cudaEventCreateWithFlags(&c->fork_mark, cudaEventDisableTiming);
+    if (e == cudaSuccess) e = cudaEventCreateWithFlags(&c->side_done, cudaEventDisableTiming);
     if (e == cudaSuccess) e = cudaStreamCreateWithFlags(&c->copy_stream, cudaStreamNonBlocking);
     if (e == cudaSuccess) e = cudaEventCreateWithFlags(&c->compute_mark, cudaEventDisableTiming);
     for (int i = 0; e == cudaSuccess && i < CB_UP_RING; i++)

@@ -22,11 +22,15 @@ typedef struct cuda_backend {
     mf_backend base;
     int device;
     int n_sm;                          /* multiprocessors, for grid sizes */
-    cudaStream_t stream;               /* every op runs on this one stream, in call order */
+    cudaStream_t stream;               /* every op runs on this stream, in call order (main_stream
+                                          but in a side branch) */
     int failed;                        /* sticky: after the first CUDA error every op is a no-op */
     char err[512];
     int smem_optin;                    /* shared memory a block may opt in to, bytes */
     int pdl;                           /* programmatic dependent launch (compute capability 9.0+) */
+    cudaStream_t main_stream;          /* the compute stream; `stream` is side_stream in a side branch */
+    cudaStream_t side_stream;
+    cudaEvent_t fork_mark, side_done;  /* branch_begin / branch_end */
     float *scratch;                    /* device [scratch_floats]: attention split partials */
     size_t scratch_floats;
     float *moe_act;                    /* device [moe_act_floats]: moe_experts' silu(g) * u per pair */

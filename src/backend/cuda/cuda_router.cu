@@ -5,8 +5,12 @@
 
 #define RT_WARPS 4
 
+#define RT_MAX_K 64 /* choices a lane keeps in registers: choice j in slot j / 32 of lane j % 32 */
+
 /* logits [n_tok][E]; ids, w [n_tok][K]. Probabilities as the CPU op: p = (float)(expf(l - max) /
- * sum), the sum in double; a taken expert is marked -1. Shared: [RT_WARPS][E] probabilities. */
+ * sum), the sum in double; a taken expert is marked -1. Every lane learns each round's winner, so
+ * the weights' sum (for norm) builds up in choice order without reading anything back, and each
+ * choice is written once at the end. Shared: [RT_WARPS][E] probabilities. */
 __global__ void __launch_bounds__(RT_WARPS * 32)
 router_kernel(const float *__restrict__ logits, int64_t n_tok, int E, int K, int norm, int32_t *__restrict__ ids,
               float *__restrict__ w) {
@@ -18,18 +22,23 @@ router_kernel(const float *__restrict__ logits, int64_t n_tok, int E, int K, int
     float *p = prob + warp * E;
     const float *lg = logits + t * E;
     float mx = -INFINITY;
-    for (int e = lane; e < E; e += 32) mx = fmaxf(mx, lg[e]);
+    for (int e = lane; e < E; e += 32) {
+        const float v = lg[e];
+        p[e] = v;
+        mx = fmaxf(mx, v);
+    }
     mx = cb_warp_max(mx);
     double sum = 0.0;
     for (int e = lane; e < E; e += 32) {
-        p[e] = expf(lg[e] - mx);
-        sum += p[e];
+        const float v = expf(p[e] - mx);
+        p[e] = v;
+        sum += v;
     }
     for (int o = 16; o; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
     for (int e = lane; e < E; e += 32) p[e] = (float)(p[e] / sum);
     __syncwarp();
-    int32_t *id = ids + t * K;
-    float *wt = w + t * K;
+    int my_id[RT_MAX_K / 32] = {-1, -1};
+    float my_w[RT_MAX_K / 32] = {0.0f, 0.0f}, ws = 0.0f;
     for (int j = 0; j < K; j++) {
         float bv = -1.0f;
         int be = -1;
@@ -40,17 +49,19 @@ router_kernel(const float *__restrict__ logits, int64_t n_tok, int E, int K, int
             const int oe = __shfl_xor_sync(0xffffffffu, be, o);
             if (oe >= 0 && (be < 0 || ov > bv || (ov == bv && oe < be))) bv = ov, be = oe;
         }
-        if (lane == 0) {
-            id[j] = be;
-            wt[j] = be >= 0 ? p[be] : 0.0f;
-            if (be >= 0) p[be] = -1.0f;
-        }
+        const float wv = be >= 0 ? bv : 0.0f;
+        ws += wv; /* every lane holds the same winner */
+        if (lane == (j & 31)) my_id[j >> 5] = be, my_w[j >> 5] = wv;
+        if (lane == 0 && be >= 0) p[be] = -1.0f;
         __syncwarp();
     }
-    if (norm && lane == 0) {
-        float ws = 0.0f;
-        for (int j = 0; j < K; j++) ws += wt[j];
-        for (int j = 0; j < K; j++) wt[j] /= ws;
+#pragma unroll
+    for (int s = 0; s < RT_MAX_K / 32; s++) {
+        const int j = s * 32 + lane;
+        if (j < K) {
+            ids[t * K + j] = my_id[s];
+            w[t * K + j] = norm ? my_w[s] / ws : my_w[s];
+        }
     }
 }
 
@@ -58,7 +69,7 @@ void cuda_op_router_topk(mf_backend *b, const float *logits, int64_t n_tok, int 
                          float *w) {
     cuda_backend *c = cb_of(b);
     if (c->failed || n_tok <= 0 || K <= 0) return;
-    if (E <= 0 || K > E || E > 3072) { /* 48 KB of shared memory for RT_WARPS tokens */
+    if (E <= 0 || K > E || E > 3072 || K > RT_MAX_K) { /* 48 KB of shared memory for RT_WARPS tokens */
         cb_fail(c, "router_topk: top %d of %d experts not supported", K, E);
         return;
     }
