@@ -19,6 +19,27 @@ typedef struct mf_wmat {
 
 typedef struct mf_backend mf_backend;
 
+/* What attention_prep does for n_tok tokens (all pointers backend memory): head h of token t
+ * is read from q_src + (t * n_heads + h) * q_stride (a gated q_proj interleaves [q | gate] per
+ * head: q_stride = 2 * head_dim, and its gate part is copied to gate when gate is not NULL);
+ * q [n_tok][n_heads][head_dim] = rope(rmsnorm(q head) * q_norm); k, v [n_tok][n_kv][head_dim]:
+ * rope(rmsnorm(k head) * k_norm) and v go to row pos[t] of k_cache and v_cache [ctx][n_kv]
+ * [head_dim]. Norm weights may be NULL (no scaling); rope as the rope op (rotate_half over the
+ * first rot_dim dims). q may equal q_src when q_stride is head_dim. */
+typedef struct mf_attn_prep {
+    int64_t n_tok;
+    int n_heads, n_kv, head_dim, rot_dim;
+    float eps;
+    double theta;
+    const float *q_src;
+    int64_t q_stride;
+    float *q, *gate;
+    const float *k, *v;
+    const float *q_norm, *k_norm;
+    const int32_t *pos;
+    float *k_cache, *v_cache;
+} mf_attn_prep;
+
 /* Where the three matrices of an expert blob sit (see docs/format.md): gate [inter][hidden],
  * up [inter][hidden], down [hidden][inter], each stored as its type at its offset in the blob. */
 typedef struct mf_expert_layout {
@@ -79,6 +100,8 @@ typedef struct mf_backend_ops {
      * is computed in f32 as transformers does. pos [n_tok]. */
     void (*rope)(mf_backend *b, float *x, int64_t n_tok, int n_heads, int head_dim, int rot_dim,
                  const int32_t *pos, double theta);
+    /* The per-head steps between the q/k/v projections and attention, in one op (mf_attn_prep). */
+    void (*attention_prep)(mf_backend *b, const mf_attn_prep *p);
     /* Causal attention with grouped KV heads: q [n_tok][n_heads][hd]; caches [n_ctx][n_kv][hd];
      * token t attends to cache positions 0 .. pos[t], which are already written; pos [n_tok]
      * (backend memory, so it may change between replays of a captured graph) is ascending and

@@ -20,23 +20,21 @@ static void attention_block(mf_session *s, int l, int n) {
     mf_backend *be = m->be;
     int nh = hp->n_heads, nkv = hp->n_kv_heads, hd = hp->head_dim;
     int rot = (int)(hd * hp->partial_rotary + 0.5);
-    int64_t qw = (int64_t)nh * hd, kvw = (int64_t)nkv * hd;
+    int64_t qw = (int64_t)nh * hd;
     float *q = s->big2, *k = s->big3, *v = s->big4, *attn = s->big5, *gate = s->big6;
     const mf_wmat proj[3] = {lw->q_proj, lw->k_proj, lw->v_proj};
     float *const out[3] = {hp->attn_output_gate ? s->big1 : q, k, v};
     OPS->matmul_multi(be, 3, proj, s->h, n, out);
-    if (hp->attn_output_gate) {
-        /* q_proj yields per head [q | gate] */
-        OPS->copy_rows(be, q, hd, s->big1, 2 * hd, (int64_t)n * nh, hd);
-        OPS->copy_rows(be, gate, hd, s->big1 + hd, 2 * hd, (int64_t)n * nh, hd);
-    }
-    OPS->rmsnorm(be, q, lw->q_norm, (int64_t)n * nh, hd, (float)hp->rms_eps, q);
-    OPS->rmsnorm(be, k, lw->k_norm, (int64_t)n * nkv, hd, (float)hp->rms_eps, k);
-    OPS->rope(be, q, n, nh, hd, rot, s->d_positions, hp->rope_theta);
-    OPS->rope(be, k, n, nkv, hd, rot, s->d_positions, hp->rope_theta);
-    /* positions come from backend memory, so a recorded decode step replays at any position */
-    OPS->scatter_rows(be, s->k_cache[l], k, s->d_positions, n, kvw);
-    OPS->scatter_rows(be, s->v_cache[l], v, s->d_positions, n, kvw);
+    /* q and k normed and rotated, k and v into the caches; a gated q_proj yields per head
+     * [q | gate]. Positions come from backend memory, so a recorded decode step replays at any
+     * position. */
+    mf_attn_prep ap = {
+        .n_tok = n, .n_heads = nh, .n_kv = nkv, .head_dim = hd, .rot_dim = rot, .eps = (float)hp->rms_eps,
+        .theta = hp->rope_theta, .q_src = hp->attn_output_gate ? s->big1 : q,
+        .q_stride = hp->attn_output_gate ? 2 * hd : hd, .q = q, .gate = hp->attn_output_gate ? gate : NULL,
+        .k = k, .v = v, .q_norm = lw->q_norm, .k_norm = lw->k_norm, .pos = s->d_positions,
+        .k_cache = s->k_cache[l], .v_cache = s->v_cache[l]};
+    OPS->attention_prep(be, &ap);
     OPS->attention(be, q, s->k_cache[l], s->v_cache[l], s->d_positions, s->attn_ctx, n, nh, nkv, hd,
                    1.0f / sqrtf((float)hd), attn);
     if (hp->attn_output_gate) OPS->mul_sigmoid(be, attn, gate, (int64_t)n * qw);

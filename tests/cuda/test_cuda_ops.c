@@ -629,6 +629,57 @@ Test(cuda, attention) {
     cr_log_info("attention: worst relative error %.3g", worst);
 }
 
+/* ---- attention_prep: q (from a gated or plain projection) and k normed and rotated, k and v
+ * into the caches at scattered positions; against the CPU op ---- */
+
+static void attention_prep_case(int nh, int nkv, int hd, int rot, int64_t nt, int gated, int normed) {
+    const int64_t ctx = 300, qs = gated ? 2 * hd : hd, kvw = (int64_t)nkv * hd, nq = nt * nh * hd;
+    float *qsrc = hnormal(nt * nh * qs, 0.0, 1.0), *k = hnormal(nt * kvw, 0.0, 1.0), *v = hnormal(nt * kvw, 0.0, 1.0);
+    float *qn = hnormal(hd, 1.0, 0.3), *kn = hnormal(hd, 1.0, 0.3), *kc = hnormal(ctx * kvw, 0.0, 1.0);
+    float *vc = hnormal(ctx * kvw, 0.0, 1.0);
+    int32_t pos[5];
+    for (int64_t t = 0; t < nt; t++) pos[t] = (int32_t)((t * 97 + 11) % ctx);
+    /* CPU: q in place in a copy of the source when not gated */
+    float *rq = gated ? malloc(sizeof(float) * (size_t)nq) : hcopy(qsrc, nq), *rg = malloc(sizeof(float) * (size_t)nq);
+    float *rkc = hcopy(kc, ctx * kvw), *rvc = hcopy(vc, ctx * kvw);
+    mf_attn_prep p = {nt, nh, nkv, hd, rot, 1e-6f, 1e6, gated ? qsrc : rq, qs, rq, gated ? rg : NULL, k, v,
+                      normed ? qn : NULL, normed ? kn : NULL, pos, rkc, rvc};
+    cpu->ops->attention_prep(cpu, &p);
+    float *dqs = dev_floats(qsrc, nt * nh * qs), *dq = gated ? dev_floats(NULL, nq) : dqs, *dg = dev_floats(NULL, nq);
+    float *dk = dev_floats(k, nt * kvw), *dv = dev_floats(v, nt * kvw), *dqn = dev_floats(qn, hd), *dkn = dev_floats(kn, hd);
+    float *dkc = dev_floats(kc, ctx * kvw), *dvc = dev_floats(vc, ctx * kvw);
+    int32_t *dpos = dev_bytes(pos, sizeof(int32_t) * (size_t)nt);
+    mf_attn_prep d = {nt, nh, nkv, hd, rot, 1e-6f, 1e6, dqs, qs, dq, gated ? dg : NULL, dk, dv,
+                      normed ? dqn : NULL, normed ? dkn : NULL, dpos, dkc, dvc};
+    gpu->ops->attention_prep(gpu, &d);
+    char what[128];
+    snprintf(what, sizeof what, "attention_prep heads %d/%d hd %d rot %d n_tok %lld gated %d normed %d", nh, nkv, hd,
+             rot, (long long)nt, gated, normed);
+    float *gq = dev_fetch(dq, nq, what), *gkc = dev_fetch(dkc, ctx * kvw, what), *gvc = dev_fetch(dvc, ctx * kvw, what);
+    check_close(gq, rq, nq, TOL_EW, what);
+    check_close(gkc, rkc, ctx * kvw, TOL_EW, what);
+    check_close(gvc, rvc, ctx * kvw, 0.0, what);
+    if (gated) {
+        float *gg = dev_fetch(dg, nq, what);
+        check_close(gg, rg, nq, 0.0, what);
+        free(gg);
+        dev_free(dq);
+    }
+    void *df[] = {dqs, dg, dk, dv, dqn, dkn, dkc, dvc, dpos};
+    for (int i = 0; i < 9; i++) dev_free(df[i]);
+    void *hf[] = {qsrc, k, v, qn, kn, kc, vc, rq, rg, rkc, rvc, gq, gkc, gvc};
+    for (int i = 0; i < 14; i++) free(hf[i]);
+}
+
+Test(cuda, attention_prep) {
+    rng_seed(8800);
+    attention_prep_case(16, 2, 256, 64, 1, 1, 1); /* Qwen3.5/3.6: gated, partial rotary */
+    attention_prep_case(16, 2, 256, 64, 5, 1, 1);
+    attention_prep_case(32, 4, 128, 128, 1, 0, 1); /* Qwen3-MoE */
+    attention_prep_case(32, 4, 128, 128, 5, 0, 1);
+    attention_prep_case(4, 2, 32, 16, 3, 1, 0);    /* fixture dims, no norm weights */
+}
+
 /* ---- conv1d_silu ---- */
 
 Test(cuda, conv1d_silu) {

@@ -435,6 +435,21 @@ static void cpu_copy_rows(mf_backend *b, float *dst, int64_t dst_stride, const f
     for (int64_t r = 0; r < rows; r++) memmove(dst + r * dst_stride, src + r * src_stride, sizeof(float) * (size_t)cols);
 }
 
+static void cpu_op_attention_prep(mf_backend *b, const mf_attn_prep *p) {
+    const int64_t n = p->n_tok, nh = p->n_heads, nkv = p->n_kv, hd = p->head_dim, kvw = nkv * hd;
+    if (p->q != p->q_src || p->q_stride != hd) cpu_copy_rows(b, p->q, hd, p->q_src, p->q_stride, n * nh, hd);
+    if (p->gate) cpu_copy_rows(b, p->gate, hd, p->q_src + hd, p->q_stride, n * nh, hd);
+    cpu_op_rmsnorm(b, p->q, p->q_norm, n * nh, hd, p->eps, p->q);
+    cpu_op_rope(b, p->q, n, (int)nh, (int)hd, p->rot_dim, p->pos, p->theta);
+    for (int64_t t = 0; t < n; t++) {
+        float *kc = p->k_cache + (int64_t)p->pos[t] * kvw, *vc = p->v_cache + (int64_t)p->pos[t] * kvw;
+        memcpy(kc, p->k + t * kvw, sizeof(float) * (size_t)kvw);
+        memcpy(vc, p->v + t * kvw, sizeof(float) * (size_t)kvw);
+        cpu_op_rmsnorm(b, kc, p->k_norm, nkv, hd, p->eps, kc);
+        cpu_op_rope(b, kc, 1, (int)nkv, (int)hd, p->rot_dim, p->pos + t, p->theta);
+    }
+}
+
 static void cpu_mul_sigmoid(mf_backend *b, float *x, const float *gate, int64_t n) {
     (void)b;
     for (int64_t i = 0; i < n; i++) x[i] *= sigmoid1(gate[i]);
@@ -677,6 +692,7 @@ static const mf_backend_ops cpu_ops = {
     .rmsnorm = cpu_op_rmsnorm,
     .add_rmsnorm = cpu_op_add_rmsnorm,
     .rope = cpu_op_rope,
+    .attention_prep = cpu_op_attention_prep,
     .attention = cpu_op_attention,
     .conv1d_silu = cpu_op_conv1d_silu,
     .deltanet = cpu_op_deltanet,

@@ -373,6 +373,7 @@ static const mf_backend_ops cuda_ops = {
     /* .rmsnorm = */ cuda_op_rmsnorm,
     /* .add_rmsnorm = */ cuda_op_add_rmsnorm,
     /* .rope = */ cuda_op_rope,
+    /* .attention_prep = */ cuda_op_attention_prep,
     /* .attention = */ cuda_op_attention,
     /* .conv1d_silu = */ cuda_op_conv1d_silu,
     /* .deltanet = */ cuda_op_deltanet,

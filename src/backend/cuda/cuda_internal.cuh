@@ -154,6 +154,8 @@ void cuda_op_gated_norm(mf_backend *b, float *o, const float *w, const float *z,
 /* cuda_rope.cu */
 void cuda_op_rope(mf_backend *b, float *x, int64_t n_tok, int n_heads, int head_dim, int rot_dim,
                   const int32_t *pos, double theta);
+/* cuda_attn_prep.cu */
+void cuda_op_attention_prep(mf_backend *b, const mf_attn_prep *p);
 /* cuda_attention.cu */
 void cuda_op_attention(mf_backend *b, const float *q, const float *k_cache, const float *v_cache, const int32_t *pos,
                        int64_t n_ctx, int64_t n_tok, int n_heads, int n_kv, int hd, float scale, float *out);
