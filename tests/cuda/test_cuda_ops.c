@@ -933,6 +933,25 @@ Test(cuda, scatter_rows_argmax) {
     cr_assert(!cuda_backend_last_error(gpu), "%s", cuda_backend_last_error(gpu));
     cr_assert(want[1] == 70000 && want[2] == 248319 && want[3] == 0, "cpu argmax %d %d %d", want[1], want[2], want[3]);
     for (int r = 0; r < R; r++) cr_assert_eq(have[r], want[r], "argmax row %d: gpu %d, cpu %d", r, have[r], want[r]);
+    /* one row at a time (the greedy choice: spread over blocks), twice each, live and recorded */
+    for (int rep = 0; rep < 2; rep++)
+        for (int r = 0; r < R; r++) {
+            int32_t one = -1;
+            gpu->ops->argmax(gpu, dx + r * V, 1, V, dout);
+            gpu->ops->download(gpu, &one, dout, sizeof one);
+            cr_assert_eq(one, want[r], "argmax of row %d alone: gpu %d, cpu %d", r, one, want[r]);
+        }
+    cr_assert_eq(gpu->ops->graph_begin(gpu), MF_OK);
+    gpu->ops->argmax(gpu, dx + V, 1, V, dout);
+    void *g = gpu->ops->graph_end(gpu);
+    cr_assert(g, "recording failed: %s", cuda_backend_last_error(gpu));
+    for (int rep = 0; rep < 3; rep++) {
+        int32_t one = -1;
+        gpu->ops->graph_launch(gpu, g);
+        gpu->ops->download(gpu, &one, dout, sizeof one);
+        cr_assert_eq(one, want[1], "replayed argmax: gpu %d, cpu %d", one, want[1]);
+    }
+    gpu->ops->graph_free(gpu, g);
     void *df[] = {dc, ds, didx, dx, dout};
     for (int i = 0; i < 5; i++) dev_free(df[i]);
     void *hf[] = {cache, src, ref, got, x};

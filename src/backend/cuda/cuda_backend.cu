@@ -40,6 +40,9 @@ static void cb_destroy(mf_backend *b) {
     if (c->side_stream) cudaStreamSynchronize(c->side_stream);
     if (c->copy_stream) cudaStreamSynchronize(c->copy_stream);
     cudaFree(c->scratch);
+    cudaFree(c->arg_v);
+    cudaFree(c->arg_i);
+    cudaFree(c->arg_done);
     cudaFree(c->moe_act);
     free(c->pinned);
     pthread_mutex_destroy(&c->pinned_lock);
@@ -453,6 +456,10 @@ extern "C" mf_backend *cuda_backend_create(int device, mf_err *err) {
     if (e == cudaSuccess) e = cudaEventCreateWithFlags(&c->compute_mark, cudaEventDisableTiming);
     for (int i = 0; e == cudaSuccess && i < CB_UP_RING; i++)
         e = cudaEventCreateWithFlags(&c->up_done[i], cudaEventDisableTiming);
+    if (e == cudaSuccess) e = cudaMalloc((void **)&c->arg_v, ARGMAX_PARTS * sizeof(float));
+    if (e == cudaSuccess) e = cudaMalloc((void **)&c->arg_i, ARGMAX_PARTS * sizeof(int64_t));
+    if (e == cudaSuccess) e = cudaMalloc((void **)&c->arg_done, sizeof(unsigned));
+    if (e == cudaSuccess) e = cudaMemset(c->arg_done, 0, sizeof(unsigned));
     for (int i = 0; e == cudaSuccess && i < CB_STAGE_SLOTS; i++) {
         e = cudaHostAlloc((void **)&c->stage[i], CB_STAGE_BYTES, cudaHostAllocDefault);
         if (e == cudaSuccess) e = cudaEventCreateWithFlags(&c->stage_done[i], cudaEventDisableTiming);

@@ -17,6 +17,7 @@ extern "C" {
 #define CB_STAGE_SLOTS 8               /* pinned staging buffers for host -> device copies */
 #define CB_STAGE_BYTES ((size_t)4 << 20)
 #define CB_UP_RING 256               /* events of upload_async tickets in flight */
+#define ARGMAX_PARTS 256             /* blocks one argmax row is spread over, at most */
 
 typedef struct cuda_backend {
     mf_backend base;
@@ -28,6 +29,9 @@ typedef struct cuda_backend {
     char err[512];
     int smem_optin;                    /* shared memory a block may opt in to, bytes */
     int pdl;                           /* programmatic dependent launch (compute capability 9.0+) */
+    float *arg_v;                      /* device [ARGMAX_PARTS]: argmax's per-block bests */
+    int64_t *arg_i;                    /* device [ARGMAX_PARTS] */
+    unsigned *arg_done;                /* device: blocks of the running argmax done (0 between calls) */
     cudaStream_t main_stream;          /* the compute stream; `stream` is side_stream in a side branch */
     cudaStream_t side_stream;
     cudaEvent_t fork_mark, side_done;  /* branch_begin / branch_end */

@@ -22,6 +22,8 @@ router_kernel(const float *__restrict__ logits, int64_t n_tok, int E, int K, int
     float *p = prob + warp * E;
     const float *lg = logits + t * E;
     float mx = -INFINITY;
+    /* unrolled so that a lane's loads are in flight together, not one after another */
+#pragma unroll 8
     for (int e = lane; e < E; e += 32) {
         const float v = lg[e];
         p[e] = v;
@@ -29,12 +31,14 @@ router_kernel(const float *__restrict__ logits, int64_t n_tok, int E, int K, int
     }
     mx = cb_warp_max(mx);
     double sum = 0.0;
+#pragma unroll 8
     for (int e = lane; e < E; e += 32) {
         const float v = expf(p[e] - mx);
         p[e] = v;
         sum += v;
     }
     for (int o = 16; o; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+#pragma unroll 8
     for (int e = lane; e < E; e += 32) p[e] = (float)(p[e] / sum);
     __syncwarp();
     int my_id[RT_MAX_K / 32] = {-1, -1};
@@ -42,6 +46,7 @@ router_kernel(const float *__restrict__ logits, int64_t n_tok, int E, int K, int
     for (int j = 0; j < K; j++) {
         float bv = -1.0f;
         int be = -1;
+#pragma unroll 8
         for (int e = lane; e < E; e += 32)
             if (p[e] >= 0.0f && p[e] > bv) bv = p[e], be = e;
         for (int o = 16; o; o >>= 1) {
