@@ -28,6 +28,8 @@ struct dev_cache {
     int *layer_row;     /* [n_layers] -> expert-layer index in L, -1 for dense layers */
     int *resident;      /* [n_layers] experts resident */
     void **table;       /* backend memory [n_layers][max_experts]: blob pointers or NULL */
+    void **table_host;  /* [n_layers][max_experts]: what table holds once the dirty rows are sent */
+    unsigned char *dirty; /* [n_layers]: the row changed since it was last sent */
     uint64_t clock;
     dev_cache_stats st;
     /* host blobs whose upload_async is in flight: kept pinned in the store until it finishes */
@@ -68,7 +70,9 @@ mf_status dev_cache_open(dev_cache **out, mf_backend *be, expert_store *host, co
     c->layer_row = malloc(sizeof(int) * (size_t)nl);
     c->resident = calloc((size_t)nl, sizeof(int));
     c->table = be->ops->alloc(be, sizeof(void *) * (size_t)nl * (size_t)(c->max_experts ? c->max_experts : 1));
-    if (!c->slots || !c->index || !c->layer_row || !c->resident || !c->table) {
+    c->table_host = calloc((size_t)nl * (size_t)(c->max_experts ? c->max_experts : 1), sizeof(void *));
+    c->dirty = calloc((size_t)nl, 1);
+    if (!c->slots || !c->index || !c->layer_row || !c->resident || !c->table || !c->table_host || !c->dirty) {
         dev_cache_close(c);
         return err_set(err, MF_ERR_NOMEM, "out of memory for the device expert cache index");
     }
@@ -106,6 +110,8 @@ void dev_cache_close(dev_cache *c) {
     free(c->layer_row);
     free(c->resident);
     if (c->table) c->be->ops->free(c->be, c->table);
+    free(c->table_host);
+    free(c->dirty);
     free(c);
 }
 
@@ -117,9 +123,23 @@ static mf_status check(dev_cache *c, int layer, int32_t id, mf_err *err) {
     return MF_OK;
 }
 
-/* Writes one entry of the backend-memory table. */
+/* Sets one entry of the table; the backend's copy of the row follows when it is next read
+ * (dev_cache_table), so a layer's misses cost one small upload, not one each. */
 static void set_entry(dev_cache *c, int layer, int32_t id, void *blob) {
-    c->be->ops->upload(c->be, c->table + (size_t)layer * c->max_experts + id, &blob, sizeof blob);
+    c->table_host[(size_t)layer * c->max_experts + id] = blob;
+    c->dirty[layer] = 1;
+}
+
+/* Sends row `layer` of the table to the backend if it changed. */
+static void send_row(dev_cache *c, int layer) {
+    if (!c->dirty[layer]) return;
+    const size_t at = (size_t)layer * c->max_experts;
+    c->be->ops->upload(c->be, c->table + at, c->table_host + at, sizeof(void *) * (size_t)c->max_experts);
+    c->dirty[layer] = 0;
+}
+
+void dev_cache_send_tables(dev_cache *c) {
+    for (int l = 0; l < c->L->hp.n_layers; l++) send_row(c, l);
 }
 
 /* A free or evictable slot, never one of `keep` (ids of this layer wanted now); -1 if none. */
@@ -286,7 +306,8 @@ int dev_cache_layer_resident(const dev_cache *c, int layer) {
            c->resident[layer] == c->L->expert_layers[c->layer_row[layer]].count;
 }
 
-const void *const *dev_cache_table(const dev_cache *c, int layer) {
+const void *const *dev_cache_table(dev_cache *c, int layer) {
+    send_row(c, layer);
     c->be->ops->upload_fence(c->be); /* the ops that read the table see the blobs' bytes */
     return (const void *const *)(c->table + (size_t)layer * c->max_experts);
 }

@@ -40,8 +40,11 @@ mf_status dev_cache_preload(dev_cache *c, mf_err *err);
 /* Whether every expert of layer is resident now (then its table entries are all set). */
 int dev_cache_layer_resident(const dev_cache *c, int layer);
 /* The layer's table in backend memory: [n_experts] backend pointers to resident blobs (NULL
- * for absent experts), kept up to date as blobs come and go. Fences like dev_cache_get. */
-const void *const *dev_cache_table(const dev_cache *c, int layer);
+ * for absent experts); a row that changed since it was last read is uploaded first (an op on
+ * the compute stream). Fences like dev_cache_get. */
+const void *const *dev_cache_table(dev_cache *c, int layer);
+/* Uploads every changed row of the tables now (before recording ops that read them). */
+void dev_cache_send_tables(dev_cache *c);
 void dev_cache_stats_get(const dev_cache *c, dev_cache_stats *st);
 void dev_cache_reset_stats(dev_cache *c);
 

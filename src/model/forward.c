@@ -87,22 +87,35 @@ static void pred_clear(mf_session *s) {
     s->pred_layer = -1;
 }
 
-/* Applies the next MoE layer's router to this layer's hidden state and starts fetching the
- * experts it picks, so their reads overlap this layer's expert compute. */
-static void predict_next(mf_session *s, int l, int n, int to_device) {
+/* The next MoE layer after l, or -1. */
+static int next_moe_layer(const mf_hparams *hp, int l) {
+    for (int ln = l + 1; ln < hp->n_layers; ln++)
+        if (hp->layer_moe[ln]) return ln;
+    return -1;
+}
+
+/* Issues the next MoE layer's router on this layer's hidden state (its choice lands in
+ * d_pred_ids, downloaded with this layer's own). Returns that layer, or -1. */
+static int predict_issue(mf_session *s, int l, int n) {
     mf_model *m = s->m;
     const mf_hparams *hp = &m->file.L.hp;
     mf_backend *be = m->be;
-    int ln = l + 1;
-    while (ln < hp->n_layers && !hp->layer_moe[ln]) ln++;
-    if (ln >= hp->n_layers) return;
+    int ln = s->predict ? next_moe_layer(hp, l) : -1;
+    if (ln < 0) return -1;
+    OPS->matmul(be, &m->w.layers[ln].router, s->h, n, s->small3);
+    OPS->router_topk(be, s->small3, n, hp->n_experts, hp->top_k, 0, s->d_pred_ids, s->d_pred_w);
+    return ln;
+}
+
+/* Starts fetching the experts layer ln's router picked (pred_raw), so that their reads (and,
+ * to_device, their copies) overlap this layer's expert compute. */
+static void predict_start(mf_session *s, int ln, int n, int to_device) {
+    mf_model *m = s->m;
+    const mf_hparams *hp = &m->file.L.hp;
     int E = hp->n_experts, K = hp->top_k;
     pred_clear(s);
-    OPS->matmul(be, &m->w.layers[ln].router, s->h, n, s->small3);
-    OPS->router_topk(be, s->small3, n, E, K, 0, s->d_pred_ids, s->d_pred_w);
-    OPS->download(be, s->topk_ids, s->d_pred_ids, sizeof(int32_t) * (size_t)(n * K));
     for (int64_t i = 0; i < (int64_t)n * K; i++) {
-        int32_t e = s->topk_ids[i];
+        int32_t e = s->pred_raw[i];
         if (e >= 0 && e < E && !s->pred_mark[e]) {
             s->pred_mark[e] = 1;
             s->pred_ids[s->n_pred++] = e;
@@ -173,9 +186,11 @@ static mf_status moe_block(mf_session *s, int l, int n) {
     }
     OPS->matmul(be, &lw->router, s->h, n, s->small1);
     OPS->router_topk(be, s->small1, n, E, K, hp->norm_topk_prob, s->d_topk_ids, s->d_topk_w);
-    /* otherwise the choice comes back to the host: it decides which experts to fetch */
-    OPS->download(be, s->topk_ids, s->d_topk_ids, sizeof(int32_t) * (size_t)(n * K));
-    OPS->download(be, s->topk_w, s->d_topk_w, sizeof(float) * (size_t)(n * K));
+    int ln = predict_issue(s, l, n);
+    /* otherwise the choice (and the next layer's predicted one) comes back to the host in one
+     * download: it decides which experts to fetch */
+    int64_t TK = (int64_t)s->chunk * K;
+    OPS->download(be, s->route, s->d_route, sizeof(int32_t) * (size_t)(ln >= 0 ? 3 * TK : 2 * TK));
     /* group tokens by expert (counting sort keeps token order within an expert) */
     memset(s->expert_count, 0, sizeof(int32_t) * (size_t)E);
     for (int64_t i = 0; i < (int64_t)n * K; i++) {
@@ -208,7 +223,7 @@ static mf_status moe_block(mf_session *s, int l, int n) {
     if (st) return st;
     MARK(expert_wait);
     int fused = n <= FUSED_MAX_TOKENS && n_used <= experts_capacity(m);
-    if (s->predict && !fused) predict_next(s, l, n, 0);
+    if (ln >= 0 && !fused) predict_start(s, ln, n, 0);
     if (fused) {
         /* pin every chosen expert, hand the table to the fused op, unpin */
         int got = 0;
@@ -219,11 +234,12 @@ static mf_status moe_block(mf_session *s, int l, int n) {
             if (st) break;
         }
         /* with this layer's experts pinned, the next layer's likely ones may start copying */
-        if (!st && s->predict) predict_next(s, l, n, 1);
+        if (!st && ln >= 0) predict_start(s, ln, n, 1);
         if (!st) {
             MARK(expert_wait);
-            OPS->upload(be, s->d_blob_table, s->blob_host, sizeof(void *) * (size_t)E);
-            OPS->moe_experts(be, s->h, s->d_topk_ids, s->d_topk_w, n, K, s->d_blob_table, &lay, s->y);
+            const void *const *table = m->dcache ? dev_cache_table(m->dcache, l) : (const void *const *)s->d_blob_table;
+            if (!m->dcache) OPS->upload(be, s->d_blob_table, s->blob_host, sizeof(void *) * (size_t)E);
+            OPS->moe_experts(be, s->h, s->d_topk_ids, s->d_topk_w, n, K, table, &lay, s->y);
             if (lw->has_shared) shared_expert(s, lw, n);
         }
         /* releasing is safe before the op ran: a blob's slot is only refilled by an upload
@@ -324,6 +340,7 @@ static const char *backend_error(mf_backend *be) {
 static mf_status graph_record(mf_session *s) {
     const mf_model *m = s->m;
     mf_backend *be = m->be;
+    if (m->dcache) dev_cache_send_tables(m->dcache); /* no uploads while recording */
     mf_status st = OPS->graph_begin(be);
     if (st) return err_set(&s->err, st, "recording the decode step failed: %s", backend_error(be));
     s->attn_ctx = s->max_ctx;

@@ -61,8 +61,10 @@ struct mf_session {
     float *zeros;              /* [chunk][hidden] zeros */
     float *big1, *big2, *big3, *big4, *big5, *big6; /* [chunk][max projection width] */
     float *small1, *small2, *small3, *small4; /* [chunk][max(v heads, experts)] */
-    int32_t *d_topk_ids;       /* [chunk][top_k] */
-    float *d_topk_w;           /* [chunk][top_k] */
+    void *d_route;             /* [3][chunk][top_k] words: d_topk_ids, d_topk_w, d_pred_ids, so that one
+                                  download brings a layer's choice and the next layer's prediction */
+    int32_t *d_topk_ids;       /* [chunk][top_k] (view into d_route) */
+    float *d_topk_w;           /* [chunk][top_k] (view) */
     int32_t *d_expert_tok;     /* [chunk * top_k] token indices grouped by expert */
     float *d_expert_tw;        /* [chunk * top_k] their routing weights */
     float *d_logits;           /* [chunk][vocab] */
@@ -72,8 +74,10 @@ struct mf_session {
     int snap_next;
     float *lin_host;           /* [lin_floats] staging for snapshots, save and load */
     int32_t *positions;        /* [chunk] */
-    int32_t *topk_ids;         /* [chunk][top_k] */
-    float *topk_w;             /* [chunk][top_k] */
+    void *route;               /* host copy of d_route */
+    int32_t *topk_ids;         /* [chunk][top_k] (view into route) */
+    float *topk_w;             /* [chunk][top_k] (view) */
+    int32_t *pred_raw;         /* [chunk][top_k] (view): the next layer's router's choice */
     int32_t *expert_count;     /* [n_experts] tokens routed to each expert */
     int32_t *expert_tok;       /* [chunk * top_k] */
     float *expert_tw;          /* [chunk * top_k] */
@@ -85,7 +89,7 @@ struct mf_session {
     int predict;               /* next-layer prediction on */
     const void **blob_host;    /* [n_experts] blob pointers of the current layer (host copy) */
     const void **d_blob_table; /* backend memory [n_experts] */
-    int32_t *d_pred_ids;       /* backend memory [chunk][top_k] the next layer's predicted choice */
+    int32_t *d_pred_ids;       /* backend memory [chunk][top_k] the next layer's predicted choice (view) */
     float *d_pred_w;           /* backend memory [chunk][top_k] */
     int32_t *d_next;           /* backend memory [1] the greedy choice after the last token */
     int64_t attn_ctx;          /* context bound the attention ops of this step are sized for */

@@ -78,8 +78,8 @@ void mf_session_free(mf_session *s) {
             if (s->rec_state) be->ops->free(be, s->rec_state[l]);
         }
         void *dev[] = {s->d_tokens, s->d_positions, s->x, s->h, s->y, s->zeros, s->big1, s->big2, s->big3,
-                       s->big4, s->big5, s->big6, s->small1, s->small2, s->small3, s->small4, s->d_topk_ids,
-                       s->d_topk_w, s->d_expert_tok, s->d_expert_tw, s->d_logits, (void *)s->d_blob_table, s->d_pred_ids, s->d_pred_w, s->d_next};
+                       s->big4, s->big5, s->big6, s->small1, s->small2, s->small3, s->small4, s->d_route,
+                       s->d_expert_tok, s->d_expert_tw, s->d_logits, (void *)s->d_blob_table, s->d_pred_w, s->d_next};
         for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++) be->ops->free(be, dev[i]);
     }
     free(s->k_cache);
@@ -87,7 +87,7 @@ void mf_session_free(mf_session *s) {
     free(s->conv_state);
     free(s->rec_state);
     for (int i = 0; i < SESSION_SNAPSHOTS; i++) free(s->snaps[i].data);
-    void *bufs[] = {s->tokens, s->positions, s->topk_ids, s->topk_w, s->expert_count, s->expert_tok,
+    void *bufs[] = {s->tokens, s->positions, s->route, s->expert_count, s->expert_tok,
                     s->expert_tw, s->expert_start, s->used_ids, s->lin_host, s->pred_ids, s->pred_mark,
                     (void *)s->blob_host};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
@@ -127,8 +127,12 @@ mf_status mf_session_new(mf_model *m, const mf_session_options *o, mf_session **
     size_t f = sizeof(float);
     s->tokens = zalloc(sizeof(int32_t) * (size_t)s->max_ctx, &ok);
     s->positions = zalloc(sizeof(int32_t) * (size_t)T, &ok);
-    s->topk_ids = zalloc(sizeof(int32_t) * (size_t)(T * K), &ok);
-    s->topk_w = zalloc(f * (size_t)(T * K), &ok);
+    s->route = zalloc(sizeof(int32_t) * 3 * (size_t)(T * K), &ok);
+    if (s->route) {
+        s->topk_ids = s->route;
+        s->topk_w = (float *)s->route + T * K;
+        s->pred_raw = (int32_t *)s->route + 2 * T * K;
+    }
     s->expert_count = zalloc(sizeof(int32_t) * (size_t)hp->n_experts, &ok);
     s->expert_tok = zalloc(sizeof(int32_t) * (size_t)(T * K), &ok);
     s->expert_tw = zalloc(f * (size_t)(T * K), &ok);
@@ -153,12 +157,15 @@ mf_status mf_session_new(mf_model *m, const mf_session_options *o, mf_session **
     for (int i = 0; i < 6; i++) *bigs[i] = balloc(s, f * (size_t)(T * wide), &ok);
     float **smalls[] = {&s->small1, &s->small2, &s->small3, &s->small4};
     for (int i = 0; i < 4; i++) *smalls[i] = balloc(s, f * (size_t)(T * narrow), &ok);
-    s->d_topk_ids = balloc(s, sizeof(int32_t) * (size_t)(T * K), &ok);
-    s->d_topk_w = balloc(s, f * (size_t)(T * K), &ok);
+    s->d_route = balloc(s, sizeof(int32_t) * 3 * (size_t)(T * K), &ok);
+    if (s->d_route) {
+        s->d_topk_ids = s->d_route;
+        s->d_topk_w = (float *)s->d_route + T * K;
+        s->d_pred_ids = (int32_t *)s->d_route + 2 * T * K;
+    }
     s->d_expert_tok = balloc(s, sizeof(int32_t) * (size_t)(T * K), &ok);
     s->d_expert_tw = balloc(s, f * (size_t)(T * K), &ok);
     s->d_blob_table = balloc(s, sizeof(void *) * (size_t)hp->n_experts, &ok);
-    s->d_pred_ids = balloc(s, sizeof(int32_t) * (size_t)(T * K), &ok);
     s->d_pred_w = balloc(s, f * (size_t)(T * K), &ok);
     s->d_next = balloc(s, sizeof(int32_t), &ok);
     /* the CPU's lm head writes into the caller's logits; this row serves greedy-only steps */
