@@ -94,6 +94,31 @@ Test(sampler, top_k_top_p_min_p_cut) {
     }
 }
 
+/* A flat distribution over a large vocabulary: top-p keeps far more than one sorted batch of
+ * candidates, ties ranked by id, and draws spread over all of the kept ones. */
+Test(sampler, top_p_over_many_equal_candidates) {
+    enum { V = 5000, DRAWS = 4000 };
+    mf_sampler_params p;
+    mf_sampler_params_init(&p);
+    p.temperature = 1.0f;
+    p.top_p = 0.5f;
+    p.seed = 7;
+    mf_sampler *s = mf_sampler_new(&p, V);
+    cr_assert(s);
+    float *l = malloc(sizeof(float) * V);
+    int max_id = -1;
+    for (int d = 0; d < DRAWS; d++) {
+        for (int i = 0; i < V; i++) l[i] = 2.0f;
+        int32_t t = mf_sampler_sample(s, l, NULL, 0);
+        /* 2500 float probabilities of 1/5000 sum to just under 0.5: the set may hold id 2500 too */
+        cr_assert(t >= 0 && t <= V / 2, "draw %d: token %d is outside the top-p set (ids up to %d)", d, t, V / 2);
+        if (t > max_id) max_id = t;
+    }
+    cr_assert_gt(max_id, V / 2 - 100, "draws never reached the end of the kept set (max id %d)", max_id);
+    free(l);
+    mf_sampler_free(s);
+}
+
 Test(sampler, penalties_follow_their_formulas) {
     float l[5] = {2.0f, -1.0f, 0.5f, 3.0f, 1.0f};
     int32_t hist[6] = {0, 1, 1, 4, 0, 0};

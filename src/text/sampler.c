@@ -96,6 +96,33 @@ static int by_logit_desc(const void *a, const void *b) {
     return x->id - y->id;
 }
 
+/* Moves the m best candidates (by_logit_desc order) to c[0 .. m - 1], in no particular order:
+ * quickselect, median-of-three pivots. 0 < m < n. */
+static void select_best(cand *c, int n, int m) {
+    int lo = 0, hi = n - 1;
+    while (lo < hi) {
+        int mid = lo + (hi - lo) / 2;
+        if (by_logit_desc(&c[mid], &c[lo]) < 0) { cand t = c[mid]; c[mid] = c[lo]; c[lo] = t; }
+        if (by_logit_desc(&c[hi], &c[lo]) < 0) { cand t = c[hi]; c[hi] = c[lo]; c[lo] = t; }
+        if (by_logit_desc(&c[hi], &c[mid]) < 0) { cand t = c[hi]; c[hi] = c[mid]; c[mid] = t; }
+        const cand pivot = c[mid];
+        int i = lo, j = hi;
+        while (i <= j) {
+            while (by_logit_desc(&c[i], &pivot) < 0) i++;
+            while (by_logit_desc(&pivot, &c[j]) < 0) j--;
+            if (i <= j) {
+                cand t = c[i];
+                c[i++] = c[j];
+                c[j--] = t;
+            }
+        }
+        /* now c[lo .. j] <= pivot <= c[i .. hi] in rank, and everything between equals it */
+        if (m - 1 <= j) hi = j;
+        else if (m - 1 >= i) lo = i;
+        else return;
+    }
+}
+
 static int32_t argmax(const float *v, int n) {
     int32_t b = 0;
     for (int i = 1; i < n; i++)
@@ -123,21 +150,39 @@ int32_t sampler_sample(sampler *s, float *logits, const int32_t *history, int n_
     }
     if (p->temperature <= 0) return argmax(logits, V);
     /* candidates: tokens within 40 temperatures of the best logit (the rest weigh under e^-40
-     * of it), sorted by logit, then cut to top-k */
-    float best = logits[argmax(logits, V)], floor_ = best - 40.0f * p->temperature;
+     * of it); only the best ones are ever sorted (top-k, then as far as top-p and min-p reach) */
+    const float best = logits[argmax(logits, V)], floor_ = best - 40.0f * p->temperature;
+    const float inv_t = 1.0f / p->temperature;
     int n = 0;
     for (int i = 0; i < V; i++)
         if (logits[i] >= floor_) s->c[n++] = (cand){logits[i], i};
-    qsort(s->c, (size_t)n, sizeof(cand), by_logit_desc);
-    if (p->top_k > 0 && p->top_k < n) n = p->top_k;
-    /* softmax at temperature over the candidates */
-    double mx = s->c[0].logit / p->temperature, sum = 0;
-    for (int i = 0; i < n; i++) {
-        double e = exp(s->c[i].logit / p->temperature - mx);
-        s->prob[i] = (float)e;
-        sum += e;
+    int cut = p->top_k > 0 && p->top_k < n ? p->top_k : n; /* the softmax runs over these */
+    if (cut < n) select_best(s->c, n, cut);
+    double sum = 0;
+    for (int i = 0; i < cut; i++) sum += expf((s->c[i].logit - best) * inv_t);
+    if (p->top_p >= 1.0f && p->min_p <= 0) {
+        /* no cut by rank: one draw over the candidates in any fixed order */
+        double r = next_unit(s->rng) * sum, c = 0;
+        for (int i = 0; i < cut; i++) {
+            c += expf((s->c[i].logit - best) * inv_t);
+            if (r < c) return s->c[i].id;
+        }
+        return s->c[cut - 1].id;
     }
-    for (int i = 0; i < n; i++) s->prob[i] = (float)(s->prob[i] / sum);
+    /* sort a prefix long enough for top-p and min-p to end inside it */
+    int m = cut < 256 ? cut : 256;
+    for (;;) {
+        if (m < cut) select_best(s->c, cut, m);
+        qsort(s->c, (size_t)m, sizeof(cand), by_logit_desc);
+        for (int i = 0; i < m; i++) s->prob[i] = (float)(expf((s->c[i].logit - best) * inv_t) / sum);
+        if (m == cut) break;
+        double c = 0;
+        int reached = p->top_p >= 1.0f;
+        for (int i = 0; i < m && !reached; i++) reached = (c += s->prob[i]) >= p->top_p;
+        if (reached && (p->min_p <= 0 || s->prob[m - 1] < p->min_p * s->prob[0])) break;
+        m = cut - m < 3 * m ? cut : 4 * m;
+    }
+    n = m;
     if (p->top_p < 1.0f) {
         double c = 0;
         int keep = n;
