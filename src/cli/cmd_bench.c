@@ -29,7 +29,8 @@ uint64_t peak_rss_bytes(void) {
 }
 
 static void usage_bench(void) {
-    fprintf(stderr, "usage: moeflux bench MODEL [--prompt-tokens N] [--gen-tokens N] [--json] [--seed S]\n"
+    fprintf(stderr, "usage: moeflux bench MODEL [--prompt-tokens N] [--gen-tokens N] [--warmup-tokens N] [--json]\n"
+                    "                     [--seed S]\n"
                     "                     [--cuda] [--gpu-cache-gb G] [--host-cache-gb G] [--threads N]\n"
                     "                     [--io-threads N] [--o-direct] [--chunk N] [--reference] [--no-profile]\n"
                     "                     [--no-graph]\n");
@@ -54,7 +55,7 @@ static double bytes_per_token(const cJSON *info, double ctx) {
 
 int cmd_bench(int argc, char **argv) {
     const char *model = NULL;
-    int n_prompt = 128, n_gen = 32, json = 0, profile = 1;
+    int n_prompt = 128, n_gen = 32, n_warm = 0, json = 0, profile = 1;
     unsigned seed = 1;
     mf_engine_options eo;
     mf_engine_options_init(&eo);
@@ -65,6 +66,7 @@ int cmd_bench(int argc, char **argv) {
         int *iv = NULL;
         if (!strcmp(a, "--prompt-tokens")) iv = &n_prompt;
         else if (!strcmp(a, "--gen-tokens")) iv = &n_gen;
+        else if (!strcmp(a, "--warmup-tokens")) iv = &n_warm;
         else if (!strcmp(a, "--threads")) iv = &eo.n_threads;
         else if (!strcmp(a, "--io-threads")) iv = &eo.io_threads;
         else if (!strcmp(a, "--chunk")) iv = &so.prefill_chunk;
@@ -118,7 +120,7 @@ int cmd_bench(int argc, char **argv) {
         goto done;
     }
     info = cJSON_Parse(mf_model_info_json(m));
-    so.max_ctx = n_prompt + n_gen + (profile ? n_gen : 0) + 1;
+    so.max_ctx = n_prompt + n_warm + n_gen + (profile ? n_gen : 0) + 1;
     if (mf_session_new(m, &so, &s) != MF_OK) {
         fprintf(stderr, "moeflux bench: %s\n", mf_session_error(s));
         goto done;
@@ -141,6 +143,14 @@ int cmd_bench(int argc, char **argv) {
     double t1 = now_s();
     mf_expert_stats pre, dec;
     mf_model_expert_stats(m, &pre);
+    /* untimed decode steps first: the caches reach their steady state */
+    for (int i = 0; i < n_warm; i++) {
+        int32_t tok = next;
+        if (mf_session_eval_greedy(s, &tok, 1, &next) != MF_OK) {
+            fprintf(stderr, "moeflux bench: %s\n", mf_session_error(s));
+            goto done;
+        }
+    }
     mf_model_reset_expert_stats(m);
     /* decode, unprofiled */
     double t2 = now_s();

@@ -28,7 +28,7 @@ static void usage(FILE *f) {
             "  moeflux eval MODEL (--tokens 1,2,3 | --tokens-file F) [--logits-out F.npy] [--greedy N]\n"
             "               [--json] [--stats] [--expert-cache-mb N] [--threads N] [--ctx N] [--chunk N]\n"
             "      Run a prompt of token ids: logits of every position as .npy, then N greedy tokens.\n"
-            "  moeflux bench MODEL [--prompt-tokens N] [--gen-tokens N] [--json] [--expert-cache-mb N]\n"
+            "  moeflux bench MODEL [--prompt-tokens N] [--gen-tokens N] [--warmup-tokens N] [--json] [--host-cache-gb G]\n"
             "      Time prefill and decode on random tokens; expert cache and memory figures.\n"
             "  moeflux run MODEL -p PROMPT [-n N] [--chat] [sampling flags] (moeflux run for the list)\n"
             "      Generate from a prompt, streaming the text; a summary line at the end.\n"
