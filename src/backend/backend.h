@@ -26,6 +26,22 @@ typedef struct mf_backend mf_backend;
  * rope(rmsnorm(k head) * k_norm) and v go to row pos[t] of k_cache and v_cache [ctx][n_kv]
  * [head_dim]. Norm weights may be NULL (no scaling); rope as the rope op (rotate_half over the
  * first rot_dim dims). q may equal q_src when q_stride is head_dim. */
+/* What deltanet_step does for n_tok tokens of a Gated DeltaNet layer: q, k [n_tok][Hk][dk] as
+ * the projections give them are L2-normalised (q also scaled by q_scale; eps 1e-6, as l2norm),
+ * the gates come from a, bb [n_tok][Hv] with A_log, dt_bias [Hv] as dn_gates computes them, then
+ * the delta rule runs as deltanet does on S [Hv][dk][dv] with v [n_tok][Hv][dv] into out
+ * [n_tok][Hv][dv]. q, k, g and beta ([n_tok][Hv]) are work space: their contents afterwards are
+ * unspecified. */
+typedef struct mf_deltanet_step {
+    int64_t n_tok;
+    int Hk, Hv, dk, dv;
+    float q_scale;
+    float *q, *k;
+    const float *v, *a, *bb, *A_log, *dt_bias;
+    float *g, *beta;
+    float *S, *out;
+} mf_deltanet_step;
+
 typedef struct mf_attn_prep {
     int64_t n_tok;
     int n_heads, n_kv, head_dim, rot_dim;
@@ -121,6 +137,9 @@ typedef struct mf_backend_ops {
     void (*deltanet)(mf_backend *b, const float *q, const float *k, const float *v,
                      const float *g, const float *beta, float *S, int64_t n_tok, int Hk, int Hv,
                      int dk, int dv, float *out);
+
+    /* l2norm of q and k, dn_gates and deltanet in one op (mf_deltanet_step). */
+    void (*deltanet_step)(mf_backend *b, const mf_deltanet_step *p);
 
     /* ---- elementwise and data movement ---- */
     /* y[i] += x[i], i < n */

@@ -64,10 +64,11 @@ static void linear_block(mf_session *s, int l, int n) {
         OPS->copy_rows(be, k, kd, conv + kd, C, n, kd);
         OPS->copy_rows(be, v, vd, conv + 2 * kd, C, n, vd);
     }
-    OPS->l2norm(be, q, (int64_t)n * Hk, dk, 1e-6f, 1.0f / sqrtf((float)dk));
-    OPS->l2norm(be, k, (int64_t)n * Hk, dk, 1e-6f, 1.0f);
-    OPS->dn_gates(be, a, b, lw->A_log, lw->dt_bias, n, Hv, g, beta);
-    OPS->deltanet(be, q, k, v, g, beta, s->rec_state[l], n, Hk, Hv, dk, dv, o);
+    const mf_deltanet_step dn = {.n_tok = n, .Hk = Hk, .Hv = Hv, .dk = dk, .dv = dv,
+                                 .q_scale = 1.0f / sqrtf((float)dk), .q = q, .k = k, .v = v, .a = a, .bb = b,
+                                 .A_log = lw->A_log, .dt_bias = lw->dt_bias, .g = g, .beta = beta,
+                                 .S = s->rec_state[l], .out = o};
+    OPS->deltanet_step(be, &dn);
     OPS->gated_norm(be, o, lw->lin_norm, z, (int64_t)n * Hv, dv, (float)hp->rms_eps);
     OPS->matmul(be, &lw->out_proj, o, n, s->y);
 }

@@ -730,6 +730,42 @@ static void l2rows(float *x, int64_t rows, int dim, float scale) {
     }
 }
 
+/* deltanet_step: raw q/k and gate inputs, normalised and gated inside the recurrence; against
+ * the CPU op (l2norm, dn_gates, deltanet). */
+Test(cuda, deltanet_step) {
+    static const struct { int Hk, Hv, dk, dv; int64_t nt; } cases[] = {
+        {2, 4, 32, 32, 1}, {2, 4, 32, 32, 12}, {16, 32, 128, 128, 1}, {16, 32, 128, 128, 5}, {1, 2, 64, 96, 3}};
+    backends_new(64, 64, 128, 8);
+    for (size_t ci = 0; ci < sizeof cases / sizeof cases[0]; ci++) {
+        rng_seed(11500 + ci);
+        int Hk = cases[ci].Hk, Hv = cases[ci].Hv, dk = cases[ci].dk, dv = cases[ci].dv;
+        int64_t nt = cases[ci].nt, nqk = nt * Hk * dk, nv = nt * Hv * dv, ng = nt * Hv, nS = (int64_t)Hv * dk * dv;
+        float *q = hnormal(nqk, 0.0, 2.0), *k = hnormal(nqk, 0.0, 2.0), *v = hnormal(nv, 0.0, 1.0);
+        float *a = hnormal(ng, 0.0, 3.0), *bb = hnormal(ng, 0.0, 2.0), *alog = hnormal(Hv, -1.0, 1.0);
+        float *dtb = hnormal(Hv, 0.0, 1.0), *S = hnormal(nS, 0.0, 0.3), *Sref = hcopy(S, nS);
+        a[0] = 30.0f; /* past softplus's threshold */
+        float *rq = hcopy(q, nqk), *rk = hcopy(k, nqk), *rg = malloc(sizeof(float) * (size_t)ng);
+        float *rb = malloc(sizeof(float) * (size_t)ng), *ref = malloc(sizeof(float) * (size_t)nv);
+        const float qs = 1.0f / sqrtf((float)dk);
+        mf_deltanet_step c = {nt, Hk, Hv, dk, dv, qs, rq, rk, v, a, bb, alog, dtb, rg, rb, Sref, ref};
+        cpu->ops->deltanet_step(cpu, &c);
+        float *dq = dev_floats(q, nqk), *dk_ = dev_floats(k, nqk), *dv_ = dev_floats(v, nv), *da = dev_floats(a, ng);
+        float *dbb = dev_floats(bb, ng), *dal = dev_floats(alog, Hv), *ddt = dev_floats(dtb, Hv);
+        float *dg = dev_floats(NULL, ng), *db = dev_floats(NULL, ng), *dS = dev_floats(S, nS), *dout = dev_floats(NULL, nv);
+        mf_deltanet_step d = {nt, Hk, Hv, dk, dv, qs, dq, dk_, dv_, da, dbb, dal, ddt, dg, db, dS, dout};
+        gpu->ops->deltanet_step(gpu, &d);
+        char what[112];
+        snprintf(what, sizeof what, "deltanet_step Hk %d Hv %d dk %d dv %d n_tok %lld", Hk, Hv, dk, dv, (long long)nt);
+        float *out = dev_fetch(dout, nv, what), *Sg = dev_fetch(dS, nS, what);
+        check_close(out, ref, nv, TOL_MM, what);
+        check_close(Sg, Sref, nS, TOL_MM, what);
+        void *df[] = {dq, dk_, dv_, da, dbb, dal, ddt, dg, db, dS, dout};
+        for (int i = 0; i < 11; i++) dev_free(df[i]);
+        void *hf[] = {q, k, v, a, bb, alog, dtb, S, Sref, rq, rk, rg, rb, ref, out, Sg};
+        for (int i = 0; i < 16; i++) free(hf[i]);
+    }
+}
+
 Test(cuda, deltanet) {
     static const struct { int Hk, Hv, dk, dv; int64_t nt; } cases[] = {
         {2, 4, 32, 32, 12}, {2, 4, 32, 32, 1}, {16, 32, 128, 128, 1}, {16, 32, 128, 128, 64},

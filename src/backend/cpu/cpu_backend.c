@@ -482,6 +482,13 @@ static void cpu_dn_gates(mf_backend *b, const float *a, const float *bb, const f
         }
 }
 
+static void cpu_op_deltanet_step(mf_backend *b, const mf_deltanet_step *p) {
+    cpu_l2norm(b, p->q, p->n_tok * p->Hk, p->dk, 1e-6f, p->q_scale);
+    cpu_l2norm(b, p->k, p->n_tok * p->Hk, p->dk, 1e-6f, 1.0f);
+    cpu_dn_gates(b, p->a, p->bb, p->A_log, p->dt_bias, p->n_tok, p->Hv, p->g, p->beta);
+    cpu_op_deltanet(b, p->q, p->k, p->v, p->g, p->beta, p->S, p->n_tok, p->Hk, p->Hv, p->dk, p->dv, p->out);
+}
+
 static void cpu_gated_norm(mf_backend *b, float *o, const float *w, const float *z, int64_t rows, int dim,
                            float eps) {
     cpu_op_rmsnorm(b, o, w, rows, dim, eps, o);
@@ -702,6 +709,7 @@ static const mf_backend_ops cpu_ops = {
     .swiglu = cpu_swiglu,
     .l2norm = cpu_l2norm,
     .dn_gates = cpu_dn_gates,
+    .deltanet_step = cpu_op_deltanet_step,
     .gated_norm = cpu_gated_norm,
     .router_topk = cpu_router_topk,
     .gather_rows = cpu_gather_rows,

@@ -380,6 +380,7 @@ static const mf_backend_ops cuda_ops = {
     /* .attention = */ cuda_op_attention,
     /* .conv1d_silu = */ cuda_op_conv1d_silu,
     /* .deltanet = */ cuda_op_deltanet,
+    /* .deltanet_step = */ cuda_op_deltanet_step,
     /* .add = */ cuda_op_add,
     /* .copy_rows = */ cuda_op_copy_rows,
     /* .mul_sigmoid = */ cuda_op_mul_sigmoid,

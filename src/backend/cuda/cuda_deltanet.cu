@@ -1,6 +1,7 @@
 /* cuda_deltanet.cu - the gated delta rule, recurrent form, on the GPU: the state S of a v-head
  * lives in registers for all n_tok steps, read and written once per call. Columns of S are
- * independent, so a block owns one v-head's slice of columns. Not the chunked prefill form. */
+ * independent, so a block owns one v-head's slice of columns. deltanet_step also normalises q
+ * and k and computes the gates inside the same kernel. Not the chunked prefill form. */
 #include "backend/cuda/cuda_internal.cuh"
 
 #define DN_MAX_ROWS 32   /* rows of S per thread */
@@ -12,10 +13,17 @@
  * meet by shuffles. Per step: S *= exp(g); kv = S^T k; u = beta (v - kv); S += k (x) u;
  * out = S^T q. q, k [n_tok][Hk][dk]; v, out [n_tok][Hv][dv]; g, beta [n_tok][Hv]. q and k of
  * the step go through shared memory, double buffered. */
+/* Raw inputs of deltanet_step: q, k not yet normalised, the gates from a, bb. NULL a: the
+ * deltanet op (q, k normalised and g, beta given). */
+struct dn_raw {
+    const float *a, *bb, *A_log, *dt_bias;
+    float q_scale;
+};
+
 __global__ void __launch_bounds__(DN_THREADS)
 deltanet_kernel(const float *__restrict__ q, const float *__restrict__ k, const float *__restrict__ v,
                 const float *__restrict__ g, const float *__restrict__ beta, float *__restrict__ S, int64_t n_tok,
-                int Hk, int Hv, int dk, int dv, int R, int cols_per_block, float *__restrict__ out) {
+                int Hk, int Hv, int dk, int dv, int R, int cols_per_block, dn_raw raw, float *__restrict__ out) {
     cb_pdl_trigger();
     extern __shared__ float qk[]; /* [2][2][dk]: buffer, (q | k), row */
     const int h = blockIdx.y, kh = h / (Hv / Hk);
@@ -34,7 +42,7 @@ deltanet_kernel(const float *__restrict__ q, const float *__restrict__ k, const 
         qk[i] = i < dk ? q[(int64_t)kh * dk + i] : k[(int64_t)kh * dk + i - dk];
     __syncthreads();
     for (int64_t t = 0; t < n_tok; t++) {
-        const float *qs = qk + (t & 1) * 2 * dk, *ks = qs + dk;
+        float *qs = qk + (t & 1) * 2 * dk, *ks = qs + dk;
         /* fetch the next step's q and k while this one computes */
         float nq[DN_PREFETCH];
 #pragma unroll
@@ -44,7 +52,33 @@ deltanet_kernel(const float *__restrict__ q, const float *__restrict__ k, const 
             if (t + 1 < n_tok && li < 2 * dk)
                 nq[j] = li < dk ? q[((t + 1) * Hk + kh) * dk + li] : k[((t + 1) * Hk + kh) * dk + li - dk];
         }
-        const float decay = expf(g[t * Hv + h]), bt = beta[t * Hv + h];
+        float decay, bt;
+        if (raw.a) {
+            /* l2norm of the step's q and k as the l2norm op does (every warp sums the staged rows
+             * itself, then the rows are scaled in place) and the gates as dn_gates */
+            const int lane = threadIdx.x & 31;
+            float sq = 0.0f, sk = 0.0f;
+            for (int i = lane; i < dk; i += 32) {
+                sq = fmaf(qs[i], qs[i], sq);
+                sk = fmaf(ks[i], ks[i], sk);
+            }
+            sq = cb_warp_sum(sq);
+            sk = cb_warp_sum(sk);
+            const float qn = (float)(1.0 / sqrt((double)sq + 1e-6)) * raw.q_scale;
+            const float kn = (float)(1.0 / sqrt((double)sk + 1e-6));
+            __syncthreads(); /* every warp has read the raw rows */
+            for (int i = threadIdx.x; i < dk; i += blockDim.x) {
+                qs[i] *= qn;
+                ks[i] *= kn;
+            }
+            __syncthreads();
+            const float sp = raw.a[t * Hv + h] + raw.dt_bias[h];
+            bt = cb_sigmoid(raw.bb[t * Hv + h]);
+            decay = expf(-expf(raw.A_log[h]) * (sp > 20.0f ? sp : log1pf(expf(sp))));
+        } else {
+            decay = expf(g[t * Hv + h]);
+            bt = beta[t * Hv + h];
+        }
         const float vc = col_ok ? v[(t * Hv + h) * dv + c] : 0.0f;
         float kv = 0.0f;
 #pragma unroll
@@ -82,8 +116,9 @@ deltanet_kernel(const float *__restrict__ q, const float *__restrict__ k, const 
     }
 }
 
-void cuda_op_deltanet(mf_backend *b, const float *q, const float *k, const float *v, const float *g,
-                      const float *beta, float *S, int64_t n_tok, int Hk, int Hv, int dk, int dv, float *out) {
+static void deltanet_launch(mf_backend *b, const float *q, const float *k, const float *v, const float *g,
+                            const float *beta, float *S, int64_t n_tok, int Hk, int Hv, int dk, int dv, dn_raw raw,
+                            float *out) {
     cuda_backend *c = cb_of(b);
     if (c->failed || n_tok <= 0 || Hv <= 0) return;
     int R = 1; /* the fewest parts a column (measured: more, smaller blocks are slower, also at one token) */
@@ -96,6 +131,18 @@ void cuda_op_deltanet(mf_backend *b, const float *q, const float *k, const float
     const int cols_per_block = DN_THREADS / R;
     dim3 grid((unsigned)((dv + cols_per_block - 1) / cols_per_block), (unsigned)Hv);
     deltanet_kernel<<<grid, DN_THREADS, 4 * dk * sizeof(float), c->stream>>>(q, k, v, g, beta, S, n_tok, Hk, Hv, dk,
-                                                                              dv, R, cols_per_block, out);
+                                                                              dv, R, cols_per_block, raw, out);
     CB_LAUNCHED(c, "deltanet");
+}
+
+void cuda_op_deltanet(mf_backend *b, const float *q, const float *k, const float *v, const float *g,
+                      const float *beta, float *S, int64_t n_tok, int Hk, int Hv, int dk, int dv, float *out) {
+    const dn_raw none = {NULL, NULL, NULL, NULL, 1.0f};
+    deltanet_launch(b, q, k, v, g, beta, S, n_tok, Hk, Hv, dk, dv, none, out);
+}
+
+/* The norms and gates are folded into the recurrence (one launch); q, k, g, beta are untouched. */
+void cuda_op_deltanet_step(mf_backend *b, const mf_deltanet_step *p) {
+    const dn_raw raw = {p->a, p->bb, p->A_log, p->dt_bias, p->q_scale};
+    deltanet_launch(b, p->q, p->k, p->v, NULL, NULL, p->S, p->n_tok, p->Hk, p->Hv, p->dk, p->dv, raw, p->out);
 }

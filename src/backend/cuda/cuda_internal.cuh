@@ -168,6 +168,7 @@ size_t cuda_attention_scratch_floats(const mf_backend_limits *lim);
 void cuda_op_conv1d_silu(mf_backend *b, const float *x, float *state, const float *w, int64_t n_tok, int64_t C,
                          int K, float *out);
 /* cuda_deltanet.cu */
+void cuda_op_deltanet_step(mf_backend *b, const mf_deltanet_step *p);
 void cuda_op_deltanet(mf_backend *b, const float *q, const float *k, const float *v, const float *g,
                       const float *beta, float *S, int64_t n_tok, int Hk, int Hv, int dk, int dv, float *out);
 /* cuda_router.cu */
