@@ -1,5 +1,6 @@
 /* dev_cache.c - expert blobs in backend memory: slots allocated lazily up to the budget, an
- * index (layer, expert) -> slot, least recently used eviction of unpinned slots; misses come
+ * index (layer, expert) -> slot, eviction of the least used unpinned slot (aged use counts,
+ * then recency); misses come
  * from the host expert store and uploaded on the backend's copy stream (upload_async), their
  * host blobs pinned until the copy finished; dev_cache_get fences. Not thread-safe: the forward pass calls it. */
 #include "experts/dev_cache.h"
@@ -30,6 +31,8 @@ struct dev_cache {
     void **table;       /* backend memory [n_layers][max_experts]: blob pointers or NULL */
     void **table_host;  /* [n_layers][max_experts]: what table holds once the dirty rows are sent */
     unsigned char *dirty; /* [n_layers]: the row changed since it was last sent */
+    uint32_t *uses;     /* [n_layers][max_experts]: gets, halved every `age_every` gets */
+    uint64_t gets, age_every;
     uint64_t clock;
     dev_cache_stats st;
     /* host blobs whose upload_async is in flight: kept pinned in the store until it finishes */
@@ -72,7 +75,9 @@ mf_status dev_cache_open(dev_cache **out, mf_backend *be, expert_store *host, co
     c->table = be->ops->alloc(be, sizeof(void *) * (size_t)nl * (size_t)(c->max_experts ? c->max_experts : 1));
     c->table_host = calloc((size_t)nl * (size_t)(c->max_experts ? c->max_experts : 1), sizeof(void *));
     c->dirty = calloc((size_t)nl, 1);
-    if (!c->slots || !c->index || !c->layer_row || !c->resident || !c->table || !c->table_host || !c->dirty) {
+    c->uses = calloc((size_t)nl * (size_t)(c->max_experts ? c->max_experts : 1), sizeof(uint32_t));
+    c->age_every = 16 * (uint64_t)c->n_slots + 4096;
+    if (!c->slots || !c->index || !c->layer_row || !c->resident || !c->table || !c->table_host || !c->dirty || !c->uses) {
         dev_cache_close(c);
         return err_set(err, MF_ERR_NOMEM, "out of memory for the device expert cache index");
     }
@@ -112,6 +117,7 @@ void dev_cache_close(dev_cache *c) {
     if (c->table) c->be->ops->free(c->be, c->table);
     free(c->table_host);
     free(c->dirty);
+    free(c->uses);
     free(c);
 }
 
@@ -155,14 +161,21 @@ static int find_slot(dev_cache *c, int layer, const int32_t *keep, int n_keep) {
         }
         c->n_slots = c->n_alloc; /* the backend is out of memory: stay at what we have */
     }
+    /* the least used of late (uses halve as they age), then the least recently used: experts
+     * with a steady share of the routing stay while one-off ones come and go */
     int best = -1;
+    uint32_t best_uses = 0;
     for (int i = 0; i < c->n_alloc; i++) {
         slot *s = &c->slots[i];
         if (s->pins) continue;
         int wanted = 0;
         for (int k = 0; k < n_keep && !wanted; k++) wanted = s->layer == layer && s->id == keep[k];
         if (wanted) continue;
-        if (best < 0 || s->last_use < c->slots[best].last_use) best = i;
+        const uint32_t u = c->uses[(size_t)s->layer * c->max_experts + s->id];
+        if (best < 0 || u < best_uses || (u == best_uses && s->last_use < c->slots[best].last_use)) {
+            best = i;
+            best_uses = u;
+        }
     }
     if (best >= 0) {
         slot *s = &c->slots[best];
@@ -260,6 +273,10 @@ mf_status dev_cache_get(dev_cache *c, int layer, int32_t id, const void **blob, 
     slot *s = &c->slots[i];
     s->pins++;
     s->last_use = ++c->clock;
+    uint32_t *u = &c->uses[(size_t)layer * c->max_experts + id];
+    if (*u < UINT32_MAX) (*u)++;
+    if (++c->gets % c->age_every == 0)
+        for (size_t k = 0; k < (size_t)c->L->hp.n_layers * (size_t)c->max_experts; k++) c->uses[k] >>= 1;
     *blob = s->mem;
     c->be->ops->upload_fence(c->be); /* ops issued from now on see its bytes */
     return MF_OK;
