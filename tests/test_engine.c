@@ -398,6 +398,44 @@ Test(engine, token_outside_vocabulary) {
 
 /* ---- the eval command ---- */
 
+/* The cache size options: a tiny --host-cache-gb still decodes the reference's greedy tokens;
+ * sizes that are not sizes are refused with the option named, by every command. */
+Test(engine, cache_size_options) {
+    ref r;
+    ref_load(&r, "qwen3_5_moe_text");
+    char *path = convert("qwen3_5_moe_text", 1);
+    char toks[1024], greedy[16];
+    size_t k = 0;
+    for (int i = 0; i < r.n_prompt; i++) k += (size_t)snprintf(toks + k, sizeof toks - k, "%s%d", i ? "," : "", r.prompt[i]);
+    snprintf(greedy, sizeof greedy, "%d", r.n_greedy);
+    char *argv[] = {(char *)th_bin(), "eval", path, "--tokens", toks, "--greedy", greedy, "--json", "--host-cache-gb",
+                    "0.0001", NULL};
+    char *out = NULL, *err = NULL;
+    cr_assert_eq(th_run(argv, &out, &err), 0, "%s", err);
+    char want[512];
+    k = (size_t)snprintf(want, sizeof want, "\"greedy\": [");
+    for (int i = 0; i < r.n_greedy; i++) k += (size_t)snprintf(want + k, sizeof want - k, "%s%d", i ? ", " : "", r.greedy[i]);
+    cr_assert(strstr(out, want), "eval with a 100 kB host cache printed %s, want %s]", out, want);
+    free(out);
+    free(err);
+    const char *cmds[] = {"eval", "bench", "run"}, *opts[] = {"--host-cache-gb", "--gpu-cache-gb", "--expert-cache-mb"};
+    const char *bad[] = {"lots", "-1", "1e9", ""};
+    for (int c = 0; c < 3; c++)
+        for (int o = 0; o < 3; o++)
+            for (int b = 0; b < 4; b++) {
+                if (o == 2 && b == 2) continue; /* 1e9 MB is a size (of a cache larger than RAM) */
+                char *bargv[] = {(char *)th_bin(), (char *)cmds[c], path, (char *)opts[o], (char *)bad[b], NULL};
+                int rc = th_run(bargv, &out, &err);
+                cr_assert_eq(rc, 2, "%s %s '%s': exit %d, %s", cmds[c], opts[o], bad[b], rc, err);
+                cr_assert(strstr(err, opts[o]), "%s %s '%s': the message does not name the option: %s", cmds[c],
+                          opts[o], bad[b], err);
+                free(out);
+                free(err);
+            }
+    free(path);
+    ref_free(&r);
+}
+
 Test(engine, eval_command) {
     ref r;
     ref_load(&r, "qwen3_next");
