@@ -140,13 +140,23 @@ static void expert_layout(const mfpack_expert_layer *EL, mf_expert_layout *lay) 
  * prefill chunk groups tokens per expert so each expert is read once for the chunk. */
 #define FUSED_MAX_TOKENS 8
 
+/* The shared expert's output (before its gate) into big4; big2, big3 scratch. */
+static void shared_expert_out(mf_session *s, const layer_weights *lw, int n) {
+    mf_backend *be = s->m->be;
+    const mf_wmat sh[2] = {lw->sh_gate, lw->sh_up};
+    float *const sh_out[2] = {s->big2, s->big3};
+    be->ops->matmul_multi(be, 2, sh, s->h, n, sh_out);
+    be->ops->swiglu(be, s->big2, s->big3, n * lw->sh_gate.rows);
+    be->ops->matmul(be, &lw->sh_down, s->big2, n, s->big4);
+}
+
+/* y += sigmoid(gate . h) * shared expert(h) */
 static void shared_expert(mf_session *s, const layer_weights *lw, int n) {
     mf_model *m = s->m;
     mf_backend *be = m->be;
-    int64_t H = m->file.L.hp.hidden;
-    swiglu_mlp(be, &lw->sh_gate, &lw->sh_up, &lw->sh_down, s->h, n, s->big2, s->big3, s->big4);
+    shared_expert_out(s, lw, n);
     OPS->matmul(be, &lw->sh_gate_w, s->h, n, s->small2);
-    OPS->add_gated(be, s->y, s->big4, s->small2, n, H);
+    OPS->add_gated(be, s->y, s->big4, s->small2, n, m->file.L.hp.hidden);
 }
 
 static mf_status moe_block(mf_session *s, int l, int n) {
@@ -162,16 +172,13 @@ static mf_status moe_block(mf_session *s, int l, int n) {
     MARK(other);
     /* every expert of the layer in backend memory: the choice never leaves the device */
     if (n <= FUSED_MAX_TOKENS && m->dcache && dev_cache_layer_resident(m->dcache, l)) {
+        /* the shared expert runs beside the routed ones where the backend has branches (and
+         * after them when profiling, so that each phase is timed alone) */
         const int branch = lw->has_shared && OPS->branch_begin && !s->profile;
-        if (lw->has_shared) {
-            /* the shared expert, beside the routed ones where the backend has branches */
-            if (branch) OPS->branch_begin(be);
-            const mf_wmat sh[2] = {lw->sh_gate, lw->sh_up};
-            float *const sh_out[2] = {s->big2, s->big3};
-            OPS->matmul_multi(be, 2, sh, s->h, n, sh_out);
-            OPS->swiglu(be, s->big2, s->big3, n * lw->sh_gate.rows);
-            OPS->matmul(be, &lw->sh_down, s->big2, n, s->big4);
-            if (branch) OPS->branch_end(be);
+        if (branch) {
+            OPS->branch_begin(be);
+            shared_expert_out(s, lw, n);
+            OPS->branch_end(be);
         }
         /* the router and the shared expert's gate read h together */
         const mf_wmat proj[2] = {lw->router, lw->sh_gate_w};
@@ -181,6 +188,7 @@ static mf_status moe_block(mf_session *s, int l, int n) {
         MARK(router);
         OPS->moe_experts(be, s->h, s->d_topk_ids, s->d_topk_w, n, K, dev_cache_table(m->dcache, l), &lay, s->y);
         if (branch) OPS->branch_join(be);
+        else if (lw->has_shared) shared_expert_out(s, lw, n);
         if (lw->has_shared) OPS->add_gated(be, s->y, s->big4, s->small2, n, H);
         MARK(expert_compute);
         return MF_OK;
