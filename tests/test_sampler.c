@@ -119,6 +119,75 @@ Test(sampler, top_p_over_many_equal_candidates) {
     mf_sampler_free(s);
 }
 
+static int desc_float(const void *a, const void *b) {
+    float x = *(const float *)a, y = *(const float *)b;
+    return x < y ? 1 : x > y ? -1 : 0;
+}
+
+/* top-k over a large vocabulary of spread logits: every draw is one of the k largest (found here
+ * by sorting), and most of them get drawn. */
+Test(sampler, top_k_over_a_large_vocabulary) {
+    enum { V = 50000, TOPK = 50, DRAWS = 3000 };
+    mf_sampler_params p;
+    mf_sampler_params_init(&p);
+    p.temperature = 5.0f; /* flat enough that all k are likely */
+    p.top_k = TOPK;
+    p.seed = 11;
+    mf_sampler *s = mf_sampler_new(&p, V);
+    cr_assert(s);
+    float *l = malloc(sizeof(float) * V), *sorted = malloc(sizeof(float) * V), *work = malloc(sizeof(float) * V);
+    uint64_t x = 88172645463325252ull;
+    for (int i = 0; i < V; i++) {
+        x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+        l[i] = (float)((double)(x >> 11) * 0x1.0p-53 * 40.0 - 20.0);
+    }
+    memcpy(sorted, l, sizeof(float) * V);
+    qsort(sorted, V, sizeof(float), desc_float);
+    const float kth = sorted[TOPK - 1];
+    unsigned char *seen = calloc(V, 1);
+    int distinct = 0;
+    for (int d = 0; d < DRAWS; d++) {
+        memcpy(work, l, sizeof(float) * V);
+        int32_t t = mf_sampler_sample(s, work, NULL, 0);
+        cr_assert(t >= 0 && t < V && l[t] >= kth, "draw %d: token %d (logit %g) is not among the %d largest (>= %g)",
+                  d, t, t >= 0 && t < V ? (double)l[t] : 0.0, TOPK, (double)kth);
+        if (!seen[t]) seen[t] = 1, distinct++;
+    }
+    cr_assert_geq(distinct, TOPK * 3 / 4, "only %d of the %d kept tokens were drawn", distinct, TOPK);
+    free(l);
+    free(sorted);
+    free(work);
+    free(seen);
+    mf_sampler_free(s);
+}
+
+/* Logits that are not finite: +inf takes the draw, NaN never wins, all -inf gives the first id;
+ * greedy and sampling alike, never a read outside the candidates. */
+Test(sampler, non_finite_logits) {
+    enum { V = 1000 };
+    const float temps[2] = {0.0f, 0.8f};
+    float l[V];
+    for (int ti = 0; ti < 2; ti++) {
+        mf_sampler_params p;
+        mf_sampler_params_init(&p);
+        p.temperature = temps[ti];
+        p.top_k = 5;
+        p.top_p = 0.9f;
+        p.seed = 3;
+        mf_sampler *s = mf_sampler_new(&p, V);
+        cr_assert(s);
+        for (int i = 0; i < V; i++) l[i] = -INFINITY;
+        cr_assert_eq(mf_sampler_sample(s, l, NULL, 0), 0, "all -inf at T %g", (double)temps[ti]);
+        for (int i = 0; i < V; i++) l[i] = (float)(i % 7);
+        l[321] = INFINITY;
+        cr_assert_eq(mf_sampler_sample(s, l, NULL, 0), 321, "+inf at T %g", (double)temps[ti]);
+        for (int i = 0; i < V; i++) l[i] = NAN;
+        l[9] = 1.0f;
+        cr_assert_eq(mf_sampler_sample(s, l, NULL, 0), 9, "NaNs around one number at T %g", (double)temps[ti]);
+        mf_sampler_free(s);
+    }
+}
+
 Test(sampler, penalties_follow_their_formulas) {
     float l[5] = {2.0f, -1.0f, 0.5f, 3.0f, 1.0f};
     int32_t hist[6] = {0, 1, 1, 4, 0, 0};

@@ -96,36 +96,41 @@ static int by_logit_desc(const void *a, const void *b) {
     return x->id - y->id;
 }
 
-/* Moves the m best candidates (by_logit_desc order) to c[0 .. m - 1], in no particular order:
- * quickselect, median-of-three pivots. 0 < m < n. */
-static void select_best(cand *c, int n, int m) {
-    int lo = 0, hi = n - 1;
-    while (lo < hi) {
-        int mid = lo + (hi - lo) / 2;
-        if (by_logit_desc(&c[mid], &c[lo]) < 0) { cand t = c[mid]; c[mid] = c[lo]; c[lo] = t; }
-        if (by_logit_desc(&c[hi], &c[lo]) < 0) { cand t = c[hi]; c[hi] = c[lo]; c[lo] = t; }
-        if (by_logit_desc(&c[hi], &c[mid]) < 0) { cand t = c[hi]; c[hi] = c[mid]; c[mid] = t; }
-        const cand pivot = c[mid];
-        int i = lo, j = hi;
-        while (i <= j) {
-            while (by_logit_desc(&c[i], &pivot) < 0) i++;
-            while (by_logit_desc(&pivot, &c[j]) < 0) j--;
-            if (i <= j) {
-                cand t = c[i];
-                c[i++] = c[j];
-                c[j--] = t;
-            }
-        }
-        /* now c[lo .. j] <= pivot <= c[i .. hi] in rank, and everything between equals it */
-        if (m - 1 <= j) hi = j;
-        else if (m - 1 >= i) lo = i;
-        else return;
+#define SORT_BUCKETS 4096
+
+/* Sorts at least the m best of the n candidates (by_logit_desc) to the front and returns how
+ * many it sorted: the candidates fall into buckets of logit below best (one pass), the top
+ * buckets that hold m of them move to the front (a second pass) and only those are sorted. */
+static int sort_best(cand *c, int n, int m, float best, float floor_) {
+    const float range = best - floor_;
+    if (m >= n || !(range > 0) || !isfinite(range)) { /* (infinite logits: no buckets) */
+        qsort(c, (size_t)n, sizeof(cand), by_logit_desc);
+        return n;
     }
+    static _Thread_local int hist[SORT_BUCKETS];
+    memset(hist, 0, sizeof hist);
+    const float scale = (float)(SORT_BUCKETS - 1) / range; /* every candidate lies in [floor_, best] */
+#define BUCKET(l) ((int)((best - (l)) * scale))
+    for (int i = 0; i < n; i++) hist[BUCKET(c[i].logit)]++;
+    int have = 0, last = 0;
+    while (have + hist[last] < m) have += hist[last++];
+    int k = 0;
+    for (int i = 0; i < n; i++)
+        if (BUCKET(c[i].logit) <= last) {
+            cand t = c[k];
+            c[k++] = c[i];
+            c[i] = t;
+        }
+#undef BUCKET
+    qsort(c, (size_t)k, sizeof(cand), by_logit_desc);
+    return k;
 }
 
+/* The first largest value's index; NaNs never win (all NaN: 0). */
 static int32_t argmax(const float *v, int n) {
     int32_t b = 0;
-    for (int i = 1; i < n; i++)
+    while (b < n - 1 && v[b] != v[b]) b++;
+    for (int i = b + 1; i < n; i++)
         if (v[i] > v[b]) b = i;
     return b;
 }
@@ -151,13 +156,16 @@ int32_t sampler_sample(sampler *s, float *logits, const int32_t *history, int n_
     if (p->temperature <= 0) return argmax(logits, V);
     /* candidates: tokens within 40 temperatures of the best logit (the rest weigh under e^-40
      * of it); only the best ones are ever sorted (top-k, then as far as top-p and min-p reach) */
-    const float best = logits[argmax(logits, V)], floor_ = best - 40.0f * p->temperature;
+    const int32_t top = argmax(logits, V);
+    const float best = logits[top], floor_ = best - 40.0f * p->temperature;
+    if (!isfinite(best)) return top; /* +inf takes all the mass; -inf or NaN everywhere: nothing to weigh */
     const float inv_t = 1.0f / p->temperature;
     int n = 0;
     for (int i = 0; i < V; i++)
         if (logits[i] >= floor_) s->c[n++] = (cand){logits[i], i};
     int cut = p->top_k > 0 && p->top_k < n ? p->top_k : n; /* the softmax runs over these */
-    if (cut < n) select_best(s->c, n, cut);
+    int sorted = 0;                                        /* c[0 .. sorted) is in rank order */
+    if (cut < n) sorted = sort_best(s->c, n, cut, best, floor_);
     double sum = 0;
     for (int i = 0; i < cut; i++) sum += expf((s->c[i].logit - best) * inv_t);
     if (p->top_p >= 1.0f && p->min_p <= 0) {
@@ -172,8 +180,9 @@ int32_t sampler_sample(sampler *s, float *logits, const int32_t *history, int n_
     /* sort a prefix long enough for top-p and min-p to end inside it */
     int m = cut < 256 ? cut : 256;
     for (;;) {
-        if (m < cut) select_best(s->c, cut, m);
-        qsort(s->c, (size_t)m, sizeof(cand), by_logit_desc);
+        if (sorted < m) sorted = sort_best(s->c, cut, m, best, floor_);
+        if (sorted > cut) sorted = cut;
+        m = sorted; /* every sorted one is in rank order: use them all */
         for (int i = 0; i < m; i++) s->prob[i] = (float)(expf((s->c[i].logit - best) * inv_t) / sum);
         if (m == cut) break;
         double c = 0;
