@@ -219,6 +219,11 @@ mf_sampler *mf_sampler_new(const mf_sampler_params *p, int vocab);
 /* logits [vocab] are modified; history: the tokens so far (prompt and output). */
 int32_t mf_sampler_sample(mf_sampler *s, float *logits, const int32_t *history, int n_history);
 void mf_sampler_free(mf_sampler *s);
+/* Runs n >= 1 tokens as mf_session_eval does and writes the sampler's choice after the last one
+ * to *next, with the session's tokens (these included) as the history: the same choice as
+ * mf_sampler_sample over the logits mf_session_eval gives. A GPU backend samples on the device,
+ * so only the token comes back. The sampler's vocabulary must be the model's. */
+mf_status mf_session_eval_sample(mf_session *s, const int32_t *tokens, int n, mf_sampler *smp, int32_t *next);
 
 /* ---- text: tokenizer, chat template, generation config ---- */
 

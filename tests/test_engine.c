@@ -11,140 +11,36 @@
 #include "helpers.h"
 #include "moeflux.h"
 
-static char *g_tmp;
-
-static void setup(void) {
-    g_tmp = th_tmpdir();
-    cr_assert(g_tmp);
-}
-static void teardown(void) {
-    th_rmtree(g_tmp);
-    free(g_tmp);
-}
-
-TestSuite(engine, .init = setup, .fini = teardown, .timeout = 120);
-
-typedef struct ref {
-    int32_t *prompt, *greedy;
-    int n_prompt, n_greedy;
-    float *logits;   /* [n_prompt][vocab] */
-    int64_t vocab;
-} ref;
-
-static void ref_load(ref *r, const char *fixture) {
-    char *dir = th_join(th_fixtures(), fixture);
-    char *rj = th_join(dir, "ref.json"), *rl = th_join(dir, "ref_logits.npy");
-    r->prompt = th_json_ints(rj, "prompt", &r->n_prompt);
-    r->greedy = th_json_ints(rj, "greedy", &r->n_greedy);
-    int64_t rows;
-    r->logits = th_read_npy_f32(rl, &rows, &r->vocab);
-    cr_assert(r->prompt && r->greedy && r->logits, "cannot read the reference of %s", fixture);
-    cr_assert_eq(rows, r->n_prompt);
-    free(dir);
-    free(rj);
-    free(rl);
-}
-
-static void ref_free(ref *r) {
-    free(r->prompt);
-    free(r->greedy);
-    free(r->logits);
-}
-
-/* Converts a fixture: lossless (bf16 everywhere; MLX files keep their bits) or default types. */
-static char *convert(const char *fixture, int lossless) {
-    char *src = th_join(th_fixtures(), fixture), *out = th_join(g_tmp, lossless ? "l.moeflux" : "d.moeflux");
-    int mlx = strstr(fixture, "mlx") != NULL;
-    char *argv[] = {(char *)th_bin(), "convert", src, out, "--quiet",
-                    lossless && !mlx ? "--experts" : NULL, "bf16", "--dense", "bf16", NULL};
-    char *err = NULL;
-    cr_assert_eq(th_run(argv, NULL, &err), 0, "convert %s: %s", fixture, err);
-    free(err);
-    free(src);
-    return out;
-}
+TestSuite(engine, .init = th_tmp_setup, .fini = th_tmp_teardown, .timeout = 120);
 
 static mf_model *load(const char *path, uint64_t cache, int reference, int threads) {
-    mf_model *m = NULL;
-    cr_assert_eq(mf_model_open(path, &m), MF_OK, "%s", mf_model_error(m));
     mf_engine_options eo;
     mf_engine_options_init(&eo);
     eo.expert_cache_bytes = cache;
     eo.reference = reference;
     eo.n_threads = threads;
-    cr_assert_eq(mf_model_load(m, &eo), MF_OK, "%s", mf_model_error(m));
-    return m;
-}
-
-static mf_session *session(mf_model *m, int chunk) {
-    mf_session_options so;
-    mf_session_options_init(&so);
-    so.max_ctx = 64;
-    so.prefill_chunk = chunk;
-    mf_session *s = NULL;
-    cr_assert_eq(mf_session_new(m, &so, &s), MF_OK, "%s", mf_session_error(s));
-    return s;
-}
-
-static float *eval_all(mf_session *s, const int32_t *toks, int n, int vocab) {
-    float *lg = malloc(sizeof(float) * (size_t)n * (size_t)vocab);
-    cr_assert_eq(mf_session_eval(s, toks, n, lg, 1), MF_OK, "%s", mf_session_error(s));
-    return lg;
-}
-
-static double max_diff(const float *a, const float *b, int64_t n) {
-    double m = 0;
-    for (int64_t i = 0; i < n; i++) {
-        cr_assert(isfinite(a[i]) && isfinite(b[i]), "non-finite logit at %lld", (long long)i);
-        double d = fabs((double)a[i] - b[i]);
-        if (d > m) m = d;
-    }
-    return m;
-}
-
-static int argmax(const float *v, int n) {
-    int b = 0;
-    for (int i = 1; i < n; i++)
-        if (v[i] > v[b]) b = i;
-    return b;
+    return th_load(path, &eo);
 }
 
 /* Lossless conversion reproduces transformers: logits within 1e-2 everywhere, same greedy. */
 static void check_fixture(const char *fixture) {
-    ref r;
-    ref_load(&r, fixture);
-    char *path = convert(fixture, 1);
+    th_ref r;
+    th_ref_load(&r, fixture);
+    char *path = th_convert(fixture, NULL, NULL);
     mf_model *m = load(path, 0, 0, 2);
     int V = mf_model_vocab(m);
     cr_assert_eq(V, r.vocab);
-    mf_session *s = session(m, 64);
-    float *lg = eval_all(s, r.prompt, r.n_prompt, V);
-    double d = max_diff(lg, r.logits, (int64_t)r.n_prompt * V);
+    mf_session *s = th_session(m, 64);
+    float *lg = th_eval_all(s, r.prompt, r.n_prompt, V);
+    double d = th_max_diff(lg, r.logits, (int64_t)r.n_prompt * V);
     cr_assert_leq(d, 1e-2, "%s: max |logit - transformers| = %g", fixture, d);
-    /* greedy continuation through the decode path */
-    float *last = malloc(sizeof(float) * (size_t)V);
-    memcpy(last, lg + (size_t)(r.n_prompt - 1) * (size_t)V, sizeof(float) * (size_t)V);
-    for (int i = 0; i < r.n_greedy; i++) {
-        int32_t tok = argmax(last, V);
-        cr_assert_eq(tok, r.greedy[i], "%s: greedy step %d gave %d, transformers %d", fixture, i, tok, r.greedy[i]);
-        cr_assert_eq(mf_session_eval(s, &tok, 1, last, 0), MF_OK, "%s", mf_session_error(s));
-    }
-    /* the same continuation chosen by the backend (mf_session_eval_greedy), logits never read */
-    mf_session_reset(s);
-    int32_t next = -1;
-    cr_assert_eq(mf_session_eval_greedy(s, r.prompt, r.n_prompt, &next), MF_OK, "%s", mf_session_error(s));
-    for (int i = 0; i < r.n_greedy; i++) {
-        cr_assert_eq(next, r.greedy[i], "%s: eval_greedy step %d gave %d, transformers %d", fixture, i, next,
-                     r.greedy[i]);
-        int32_t tok = next;
-        cr_assert_eq(mf_session_eval_greedy(s, &tok, 1, &next), MF_OK, "%s", mf_session_error(s));
-    }
-    free(last);
+    /* the greedy continuation through decode steps, then chosen by the backend */
+    th_check_greedy(s, &r, lg + (size_t)(r.n_prompt - 1) * (size_t)V, V, fixture);
     free(lg);
     mf_session_free(s);
     mf_model_free(m);
     free(path);
-    ref_free(&r);
+    th_ref_free(&r);
 }
 
 Test(engine, qwen3_5_moe_vl) { check_fixture("qwen3_5_moe_vl"); }
@@ -174,7 +70,7 @@ static double mean_kl(const float *p, const float *q, int n, int V, int *agree) 
         log_softmax(p + (size_t)t * V, V, lp);
         log_softmax(q + (size_t)t * V, V, lq);
         for (int i = 0; i < V; i++) kl += exp(lp[i]) * (lp[i] - lq[i]);
-        *agree += argmax(p + (size_t)t * V, V) == argmax(q + (size_t)t * V, V);
+        *agree += th_argmax(p + (size_t)t * V, V) == th_argmax(q + (size_t)t * V, V);
     }
     free(lp);
     free(lq);
@@ -193,16 +89,13 @@ static double mean_kl(const float *p, const float *q, int n, int V, int *agree) 
  * argmaxes agreeing (measured: KL 3e-4 to 0.036, where a flipped top-k expert choice in a hybrid
  * layer accounts for the larger values; agreement 10-12 of 12). */
 static void check_quantized(const char *fixture, const char *experts, const char *dense) {
-    ref r;
-    ref_load(&r, fixture);
-    char *src = th_join(th_fixtures(), fixture), *path = th_join(g_tmp, "q.moeflux"), *err = NULL;
-    char *argv[] = {(char *)th_bin(), "convert", src, path, "--quiet", "--experts", (char *)experts,
-                    "--dense", (char *)dense, NULL};
-    cr_assert_eq(th_run(argv, NULL, &err), 0, "convert %s: %s", fixture, err);
+    th_ref r;
+    th_ref_load(&r, fixture);
+    char *path = th_convert(fixture, experts, dense);
     mf_model *m = load(path, 0, 0, 2);
     int V = mf_model_vocab(m);
-    mf_session *s = session(m, 64);
-    float *lg = eval_all(s, r.prompt, r.n_prompt, V);
+    mf_session *s = th_session(m, 64);
+    float *lg = th_eval_all(s, r.prompt, r.n_prompt, V);
     int agree, null_agree;
     double kl = mean_kl(r.logits, lg, r.n_prompt, V, &agree);
     double yard = mean_kl(r.logits, r.logits + V, r.n_prompt - 1, V, &null_agree);
@@ -213,12 +106,10 @@ static void check_quantized(const char *fixture, const char *experts, const char
     if (q4) cr_assert_geq(agree * 3, r.n_prompt, "%s: top-1 agreement %d/%d", fixture, agree, r.n_prompt);
     else cr_assert_geq(agree * 4, 3 * r.n_prompt, "%s: top-1 agreement %d/%d", fixture, agree, r.n_prompt);
     free(lg);
-    free(err);
-    free(src);
     mf_session_free(s);
     mf_model_free(m);
     free(path);
-    ref_free(&r);
+    th_ref_free(&r);
 }
 
 Test(engine, quantized_qwen3_5_moe_vl) { check_quantized("qwen3_5_moe_vl", "q4", "q8"); }
@@ -235,15 +126,15 @@ Test(engine, q8_qwen3_moe_fused) { check_quantized("qwen3_moe_fused", "q8", "q8"
 /* ---- session invariants (lossless qwen3_5_moe_text, and qwen3_next for linear state) ---- */
 
 typedef struct rig {
-    ref r;
+    th_ref r;
     char *path;
     mf_model *m;
     int V;
 } rig;
 
 static void rig_open(rig *g, const char *fixture, uint64_t cache, int reference) {
-    ref_load(&g->r, fixture);
-    g->path = convert(fixture, 1);
+    th_ref_load(&g->r, fixture);
+    g->path = th_convert(fixture, NULL, NULL);
     g->m = load(g->path, cache, reference, reference ? 1 : 2);
     g->V = mf_model_vocab(g->m);
 }
@@ -251,18 +142,18 @@ static void rig_open(rig *g, const char *fixture, uint64_t cache, int reference)
 static void rig_close(rig *g) {
     mf_model_free(g->m);
     free(g->path);
-    ref_free(&g->r);
+    th_ref_free(&g->r);
 }
 
 Test(engine, prefill_equals_decode_steps) {
     rig g;
     rig_open(&g, "qwen3_5_moe_text", 0, 0);
-    mf_session *a = session(g.m, 64), *b = session(g.m, 64);
-    float *all = eval_all(a, g.r.prompt, g.r.n_prompt, g.V);
+    mf_session *a = th_session(g.m, 64), *b = th_session(g.m, 64);
+    float *all = th_eval_all(a, g.r.prompt, g.r.n_prompt, g.V);
     float *step = malloc(sizeof(float) * (size_t)g.V);
     for (int t = 0; t < g.r.n_prompt; t++) {
         cr_assert_eq(mf_session_eval(b, &g.r.prompt[t], 1, step, 0), MF_OK);
-        double d = max_diff(step, all + (size_t)t * g.V, g.V);
+        double d = th_max_diff(step, all + (size_t)t * g.V, g.V);
         cr_assert_leq(d, 1e-4, "position %d: decode step differs from prefill by %g", t, d);
     }
     cr_assert_eq(mf_session_pos(b), g.r.n_prompt);
@@ -276,9 +167,9 @@ Test(engine, prefill_equals_decode_steps) {
 Test(engine, prompt_longer_than_chunk) {
     rig g;
     rig_open(&g, "qwen3_next", 0, 0);
-    mf_session *a = session(g.m, 5);
-    float *lg = eval_all(a, g.r.prompt, g.r.n_prompt, g.V);
-    double d = max_diff(lg, g.r.logits, (int64_t)g.r.n_prompt * g.V);
+    mf_session *a = th_session(g.m, 5);
+    float *lg = th_eval_all(a, g.r.prompt, g.r.n_prompt, g.V);
+    double d = th_max_diff(lg, g.r.logits, (int64_t)g.r.n_prompt * g.V);
     cr_assert_leq(d, 1e-2, "chunked prefill (5 tokens a chunk) differs from transformers by %g", d);
     free(lg);
     mf_session_free(a);
@@ -289,9 +180,9 @@ Test(engine, expert_cache_of_one_expert) {
     rig big, one;
     rig_open(&big, "qwen3_5_moe_vl", 0, 0);
     rig_open(&one, "qwen3_5_moe_vl", 1, 0);
-    mf_session *a = session(big.m, 64), *b = session(one.m, 64);
-    float *la = eval_all(a, big.r.prompt, big.r.n_prompt, big.V);
-    float *lb = eval_all(b, one.r.prompt, one.r.n_prompt, one.V);
+    mf_session *a = th_session(big.m, 64), *b = th_session(one.m, 64);
+    float *la = th_eval_all(a, big.r.prompt, big.r.n_prompt, big.V);
+    float *lb = th_eval_all(b, one.r.prompt, one.r.n_prompt, one.V);
     cr_assert(!memcmp(la, lb, sizeof(float) * (size_t)big.r.n_prompt * big.V),
               "a one-expert cache must give identical logits");
     /* decode steps too (one token at a time takes the fused expert path when it fits) */
@@ -300,7 +191,7 @@ Test(engine, expert_cache_of_one_expert) {
         int32_t tok = big.r.greedy[i];
         cr_assert_eq(mf_session_eval(a, &tok, 1, da, 0), MF_OK, "%s", mf_session_error(a));
         cr_assert_eq(mf_session_eval(b, &tok, 1, db, 0), MF_OK, "%s", mf_session_error(b));
-        double d = max_diff(da, db, big.V);
+        double d = th_max_diff(da, db, big.V);
         cr_assert_leq(d, 1e-4, "decode step %d: one-expert cache differs by %g", i, d);
     }
     free(da);
@@ -321,10 +212,10 @@ Test(engine, reference_kernels_agree) {
     rig fast, slow;
     rig_open(&fast, "qwen3_next_mlx8", 0, 0);
     rig_open(&slow, "qwen3_next_mlx8", 0, 1);
-    mf_session *a = session(fast.m, 64), *b = session(slow.m, 64);
-    float *la = eval_all(a, fast.r.prompt, fast.r.n_prompt, fast.V);
-    float *lb = eval_all(b, slow.r.prompt, slow.r.n_prompt, slow.V);
-    double d = max_diff(la, lb, (int64_t)fast.r.n_prompt * fast.V);
+    mf_session *a = th_session(fast.m, 64), *b = th_session(slow.m, 64);
+    float *la = th_eval_all(a, fast.r.prompt, fast.r.n_prompt, fast.V);
+    float *lb = th_eval_all(b, slow.r.prompt, slow.r.n_prompt, slow.V);
+    double d = th_max_diff(la, lb, (int64_t)fast.r.n_prompt * fast.V);
     cr_assert_leq(d, 1e-4, "fast and reference kernels differ by %g", d);
     free(la);
     free(lb);
@@ -338,31 +229,31 @@ static void check_save_load(const char *fixture) {
     rig g;
     rig_open(&g, fixture, 0, 0);
     int n = g.r.n_prompt, cut = 7;
-    mf_session *a = session(g.m, 64);
-    float *full = eval_all(a, g.r.prompt, n, g.V);
+    mf_session *a = th_session(g.m, 64);
+    float *full = th_eval_all(a, g.r.prompt, n, g.V);
     /* save after `cut` tokens, load into a fresh session, continue */
-    mf_session *b = session(g.m, 64);
-    float *first = eval_all(b, g.r.prompt, cut, g.V);
-    char *sp = th_join(g_tmp, "state.bin");
+    mf_session *b = th_session(g.m, 64);
+    float *first = th_eval_all(b, g.r.prompt, cut, g.V);
+    char *sp = th_join(th_tmp, "state.bin");
     cr_assert_eq(mf_session_save(b, sp), MF_OK, "%s", mf_session_error(b));
-    mf_session *c = session(g.m, 64);
+    mf_session *c = th_session(g.m, 64);
     cr_assert_eq(mf_session_load(c, sp), MF_OK, "%s", mf_session_error(c));
     cr_assert_eq(mf_session_pos(c), cut);
-    float *rest_b = eval_all(b, g.r.prompt + cut, n - cut, g.V);
-    float *rest_c = eval_all(c, g.r.prompt + cut, n - cut, g.V);
+    float *rest_b = th_eval_all(b, g.r.prompt + cut, n - cut, g.V);
+    float *rest_c = th_eval_all(c, g.r.prompt + cut, n - cut, g.V);
     cr_assert(!memcmp(rest_b, rest_c, sizeof(float) * (size_t)(n - cut) * g.V),
               "a loaded session must continue with identical logits");
-    double d = max_diff(rest_c, full + (size_t)cut * g.V, (int64_t)(n - cut) * g.V);
+    double d = th_max_diff(rest_c, full + (size_t)cut * g.V, (int64_t)(n - cut) * g.V);
     cr_assert_leq(d, 1e-4, "continuation after load differs from one pass by %g", d);
     /* truncate back to `cut` and continue again */
     cr_assert_eq(mf_session_truncate(a, cut), MF_OK, "%s", mf_session_error(a));
     cr_assert_eq(mf_session_pos(a), cut);
-    float *rest_a = eval_all(a, g.r.prompt + cut, n - cut, g.V);
-    d = max_diff(rest_a, full + (size_t)cut * g.V, (int64_t)(n - cut) * g.V);
+    float *rest_a = th_eval_all(a, g.r.prompt + cut, n - cut, g.V);
+    d = th_max_diff(rest_a, full + (size_t)cut * g.V, (int64_t)(n - cut) * g.V);
     cr_assert_leq(d, 1e-4, "continuation after truncate differs by %g", d);
     /* truncating to a checkpoint position restores it without replay: exact */
     cr_assert_eq(mf_session_truncate(b, cut), MF_OK);
-    float *again = eval_all(b, g.r.prompt + cut, n - cut, g.V);
+    float *again = th_eval_all(b, g.r.prompt + cut, n - cut, g.V);
     cr_assert(!memcmp(again, rest_b, sizeof(float) * (size_t)(n - cut) * g.V), "truncate to a checkpoint is exact");
     /* a session file of another model, a truncated file, garbage: refused */
     cr_assert_eq(th_write_file(sp, "garbage", 7), 0);
@@ -387,7 +278,7 @@ Test(engine, save_load_truncate_attention_only) { check_save_load("qwen3_moe_fus
 Test(engine, token_outside_vocabulary) {
     rig g;
     rig_open(&g, "qwen3_moe_experts", 0, 0);
-    mf_session *s = session(g.m, 64);
+    mf_session *s = th_session(g.m, 64);
     int32_t bad[2] = {1, g.V + 5};
     cr_assert_neq(mf_session_eval(s, bad, 2, NULL, 0), MF_OK);
     cr_assert(strstr(mf_session_error(s), "vocabulary"), "%s", mf_session_error(s));
@@ -401,9 +292,9 @@ Test(engine, token_outside_vocabulary) {
 /* The cache size options: a tiny --host-cache-gb still decodes the reference's greedy tokens;
  * sizes that are not sizes are refused with the option named, by every command. */
 Test(engine, cache_size_options) {
-    ref r;
-    ref_load(&r, "qwen3_5_moe_text");
-    char *path = convert("qwen3_5_moe_text", 1);
+    th_ref r;
+    th_ref_load(&r, "qwen3_5_moe_text");
+    char *path = th_convert("qwen3_5_moe_text", NULL, NULL);
     char toks[1024], greedy[16];
     size_t k = 0;
     for (int i = 0; i < r.n_prompt; i++) k += (size_t)snprintf(toks + k, sizeof toks - k, "%s%d", i ? "," : "", r.prompt[i]);
@@ -433,17 +324,17 @@ Test(engine, cache_size_options) {
                 free(err);
             }
     free(path);
-    ref_free(&r);
+    th_ref_free(&r);
 }
 
 Test(engine, eval_command) {
-    ref r;
-    ref_load(&r, "qwen3_next");
-    char *path = convert("qwen3_next", 1);
+    th_ref r;
+    th_ref_load(&r, "qwen3_next");
+    char *path = th_convert("qwen3_next", NULL, NULL);
     char toks[1024];
     size_t k = 0;
     for (int i = 0; i < r.n_prompt; i++) k += (size_t)snprintf(toks + k, sizeof toks - k, "%s%d", i ? "," : "", r.prompt[i]);
-    char *npy = th_join(g_tmp, "logits.npy"), greedy[16];
+    char *npy = th_join(th_tmp, "logits.npy"), greedy[16];
     snprintf(greedy, sizeof greedy, "%d", r.n_greedy);
     char *argv[] = {(char *)th_bin(), "eval", path, "--tokens", toks, "--logits-out", npy, "--greedy", greedy,
                     "--json", "--stats", NULL};
@@ -452,7 +343,7 @@ Test(engine, eval_command) {
     int64_t rows, cols;
     float *lg = th_read_npy_f32(npy, &rows, &cols);
     cr_assert(lg && rows == r.n_prompt && cols == r.vocab, "bad npy output");
-    double d = max_diff(lg, r.logits, rows * cols);
+    double d = th_max_diff(lg, r.logits, rows * cols);
     cr_assert_leq(d, 1e-2, "eval --logits-out differs by %g", d);
     char want[512];
     k = (size_t)snprintf(want, sizeof want, "\"greedy\": [");
@@ -464,5 +355,5 @@ Test(engine, eval_command) {
     free(err);
     free(npy);
     free(path);
-    ref_free(&r);
+    th_ref_free(&r);
 }

@@ -14,67 +14,14 @@
 
 #include "backend/backend.h"
 #include "format/quant.h"
+#include "helpers.h"
 
-/* ---- random numbers: xorshift64*, a fixed seed per case ---- */
-
-static uint64_t rng_s;
-
-static void rng_seed(uint64_t seed) { rng_s = seed * 0x9e3779b97f4a7c15u + 0x632be59bd9b4e019u; }
-
-static uint64_t rng_next(void) {
-    rng_s ^= rng_s >> 12;
-    rng_s ^= rng_s << 25;
-    rng_s ^= rng_s >> 27;
-    return rng_s * 0x2545f4914f6cdd1du;
-}
-
-static double rng_unif(void) { return (double)(rng_next() >> 11) * 0x1.0p-53; } /* [0, 1) */
-
-static double rng_normal(void) {
-    double u1 = 1.0 - rng_unif(), u2 = rng_unif();
-    return sqrt(-2.0 * log(u1)) * cos(2.0 * M_PI * u2);
-}
-
-static void fill_normal(float *x, int64_t n, double mean, double sd) {
-    for (int64_t i = 0; i < n; i++) x[i] = (float)(mean + sd * rng_normal());
-}
-
-/* ---- buffers: n floats then GUARD guard floats (a NaN with its own payload) ---- */
-
-#define GUARD 16
-#define GUARD_BITS 0x7fc0beefu
-
-static float *buf_alloc(int64_t n) {
-    float *p = malloc(sizeof(float) * (size_t)(n + GUARD));
-    cr_assert(p, "out of memory");
-    for (int64_t i = 0; i < n; i++) p[i] = NAN;
-    uint32_t g = GUARD_BITS;
-    for (int i = 0; i < GUARD; i++) memcpy(p + n + i, &g, sizeof g);
-    return p;
-}
-
-static float *buf_copy(const float *src, int64_t n) {
-    float *p = buf_alloc(n);
-    memcpy(p, src, sizeof(float) * (size_t)n);
-    return p;
-}
+/* ---- double-precision references (random numbers and guarded buffers: helpers.h) ---- */
 
 static double *dalloc(int64_t n) {
     double *p = calloc((size_t)(n ? n : 1), sizeof(double));
     cr_assert(p, "out of memory");
     return p;
-}
-
-/* Every one of the n values written (finite), and the guard after them untouched. */
-static void check_written(const float *p, int64_t n, const char *what) {
-    for (int64_t i = 0; i < n; i++)
-        cr_assert(isfinite(p[i]), "%s: element %lld is %g (not written or not finite)", what,
-                  (long long)i, (double)p[i]);
-    for (int i = 0; i < GUARD; i++) {
-        uint32_t g;
-        memcpy(&g, p + n + i, sizeof g);
-        cr_assert(g == GUARD_BITS, "%s: guard float %d after the output was overwritten", what, i);
-    }
 }
 
 /* norm(got - ref) / norm(ref). */
@@ -129,11 +76,11 @@ Test(ops, rmsnorm) {
             for (int inplace = 0; inplace < 2; inplace++)
                 for (int p = 0; p < N_PATHS; p++) {
                     int64_t rows = cases[ci].rows, dim = cases[ci].dim, n = rows * dim;
-                    rng_seed(100 + ci * 8 + (uint64_t)weighted * 4 + (uint64_t)inplace * 2 + (uint64_t)p);
-                    float *x = buf_alloc(n), *w = buf_alloc(dim);
+                    th_rng_seed(100 + ci * 8 + (uint64_t)weighted * 4 + (uint64_t)inplace * 2 + (uint64_t)p);
+                    float *x = th_buf_alloc(n), *w = th_buf_alloc(dim);
                     for (int64_t r = 0; r < rows; r++) /* rows of different scales */
-                        fill_normal(x + r * dim, dim, 0.1 * (double)r, 0.05 + 3.0 * rng_unif());
-                    fill_normal(w, dim, 1.0, 0.5);
+                        th_fill_normal(x + r * dim, dim, 0.1 * (double)r, 0.05 + 3.0 * th_rng_unif());
+                    th_fill_normal(w, dim, 1.0, 0.5);
                     double *ref = dalloc(n);
                     for (int64_t r = 0; r < rows; r++) {
                         double ss = 0;
@@ -142,13 +89,13 @@ Test(ops, rmsnorm) {
                         for (int64_t i = 0; i < dim; i++)
                             ref[r * dim + i] = x[r * dim + i] * inv * (weighted ? (double)w[i] : 1.0);
                     }
-                    float *y = inplace ? buf_copy(x, n) : buf_alloc(n);
+                    float *y = inplace ? th_buf_copy(x, n) : th_buf_alloc(n);
                     float *xin = inplace ? y : x;
                     be[p]->ops->rmsnorm(be[p], xin, weighted ? w : NULL, rows, dim, eps, y);
                     char what[96];
                     snprintf(what, sizeof what, "rmsnorm %lldx%lld w=%d inplace=%d %s", (long long)rows,
                              (long long)dim, weighted, inplace, path_name[p]);
-                    check_written(y, n, what);
+                    th_check_written(y, n, what);
                     for (int64_t i = 0; i < n; i++)
                         cr_assert(fabs((double)y[i] - ref[i]) <= 2e-6 * fabs(ref[i]) + 1e-30,
                                   "%s: element %lld is %.9g, expected %.9g", what, (long long)i,
@@ -169,11 +116,11 @@ Test(ops, add_rmsnorm) {
     const int64_t rows = 3, dim = 2048, n = rows * dim;
     const float eps = 1e-6f;
     for (int p = 0; p < N_PATHS; p++) {
-        rng_seed(150 + (uint64_t)p);
-        float *x = buf_alloc(n), *a = buf_alloc(n), *w = buf_alloc(dim), *y = buf_alloc(n);
-        fill_normal(x, n, 0.2, 1.5);
-        fill_normal(a, n, -0.1, 0.7);
-        fill_normal(w, dim, 1.0, 0.5);
+        th_rng_seed(150 + (uint64_t)p);
+        float *x = th_buf_alloc(n), *a = th_buf_alloc(n), *w = th_buf_alloc(dim), *y = th_buf_alloc(n);
+        th_fill_normal(x, n, 0.2, 1.5);
+        th_fill_normal(a, n, -0.1, 0.7);
+        th_fill_normal(w, dim, 1.0, 0.5);
         double *sum = dalloc(n), *ref = dalloc(n);
         for (int64_t r = 0; r < rows; r++) {
             double ss = 0;
@@ -185,8 +132,8 @@ Test(ops, add_rmsnorm) {
             for (int64_t i = 0; i < dim; i++) ref[r * dim + i] = sum[r * dim + i] * inv * w[i];
         }
         be[p]->ops->add_rmsnorm(be[p], x, a, w, rows, dim, eps, y);
-        check_written(x, n, "add_rmsnorm sum");
-        check_written(y, n, "add_rmsnorm output");
+        th_check_written(x, n, "add_rmsnorm sum");
+        th_check_written(y, n, "add_rmsnorm output");
         for (int64_t i = 0; i < n; i++) {
             cr_assert(x[i] == (float)sum[i], "add_rmsnorm %s: x[%lld] is not x + a", path_name[p], (long long)i);
             cr_assert(fabs((double)y[i] - ref[i]) <= 2e-6 * fabs(ref[i]) + 1e-30, "add_rmsnorm %s: element %lld",
@@ -222,11 +169,11 @@ Test(ops, rope) {
             int64_t nt = cases[ci].n_tok;
             int heads = cases[ci].heads, hd = cases[ci].hd, rot = cases[ci].rot, half = rot / 2;
             int64_t n = nt * heads * hd;
-            rng_seed(200 + ci * 2 + (uint64_t)p);
+            th_rng_seed(200 + ci * 2 + (uint64_t)p);
             int32_t pos[8];
             for (int64_t t = 0; t < nt; t++) pos[t] = cases[ci].pos0 < 0 ? scattered[t] : cases[ci].pos0 + (int32_t)t;
-            float *x0 = buf_alloc(n);
-            fill_normal(x0, n, 0.0, 1.0);
+            float *x0 = th_buf_alloc(n);
+            th_fill_normal(x0, n, 0.0, 1.0);
             double *ref = dalloc(n);
             for (int64_t i = 0; i < n; i++) ref[i] = x0[i];
             for (int64_t t = 0; t < nt; t++)
@@ -240,12 +187,12 @@ Test(ops, rope) {
                         rv[i + half] = b * cos(ang) + a * sin(ang);
                     }
                 }
-            float *x = buf_copy(x0, n);
+            float *x = th_buf_copy(x0, n);
             be[p]->ops->rope(be[p], x, nt, heads, hd, rot, pos, cases[ci].theta);
             char what[96];
             snprintf(what, sizeof what, "rope hd %d rot %d theta %g case %zu %s", hd, rot, cases[ci].theta, ci,
                      path_name[p]);
-            check_written(x, n, what);
+            th_check_written(x, n, what);
             for (int64_t t = 0; t < nt; t++)
                 for (int h = 0; h < heads; h++) {
                     int64_t o = (t * heads + h) * hd;
@@ -288,12 +235,12 @@ Test(ops, attention) {
             int nh = cases[ci].n_heads, nkv = cases[ci].n_kv, hd = cases[ci].hd, group = nh / nkv;
             int64_t pos0 = cases[ci].pos0, nt = cases[ci].n_tok, n_valid = pos0 + nt, n_ctx = n_valid + EXTRA;
             if (p == 0) backends_new(n_valid, nt, 1);
-            rng_seed(300 + ci * 2 + (uint64_t)p);
+            th_rng_seed(300 + ci * 2 + (uint64_t)p);
             int64_t nq = nt * nh * hd, ncache = n_ctx * nkv * hd;
-            float *q = buf_alloc(nq), *kc = buf_alloc(ncache), *vc = buf_alloc(ncache);
-            fill_normal(q, nq, 0.0, 1.0);
-            fill_normal(kc, n_valid * nkv * hd, 0.0, 1.0); /* rows >= n_valid stay NaN */
-            fill_normal(vc, n_valid * nkv * hd, 0.0, 1.0);
+            float *q = th_buf_alloc(nq), *kc = th_buf_alloc(ncache), *vc = th_buf_alloc(ncache);
+            th_fill_normal(q, nq, 0.0, 1.0);
+            th_fill_normal(kc, n_valid * nkv * hd, 0.0, 1.0); /* rows >= n_valid stay NaN */
+            th_fill_normal(vc, n_valid * nkv * hd, 0.0, 1.0);
             /* Positions after pos0 are visible only to later tokens: give them large keys and
              * values offset by 1000, so that any leak into an earlier token is glaring. */
             for (int64_t pp = pos0 + 1; pp < n_valid; pp++)
@@ -322,7 +269,7 @@ Test(ops, attention) {
                         for (int i = 0; i < hd; i++) o[i] += sc[pp] / sum * vv[i];
                     }
                 }
-            float *out = buf_alloc(nq);
+            float *out = th_buf_alloc(nq);
             int32_t *pos = malloc(sizeof(int32_t) * (size_t)nt);
             for (int64_t t = 0; t < nt; t++) pos[t] = (int32_t)(pos0 + t);
             be[p]->ops->attention(be[p], q, kc, vc, pos, n_valid, nt, nh, nkv, hd, scale, out);
@@ -330,7 +277,7 @@ Test(ops, attention) {
             char what[112];
             snprintf(what, sizeof what, "attention heads %d kv %d hd %d pos0 %lld n_tok %lld %s", nh, nkv, hd,
                      (long long)pos0, (long long)nt, path_name[p]);
-            check_written(out, nq, what);
+            th_check_written(out, nq, what);
             for (int64_t row = 0; row < nt * nh; row++) {
                 double e = rel_err(out + row * hd, ref + row * hd, hd);
                 cr_assert(e <= 1e-5, "%s: token %lld head %lld relative error %.3g", what,
@@ -347,43 +294,23 @@ Test(ops, attention) {
     cr_log_info("attention: worst relative error (per token and head) %.3g", worst);
 }
 
-/* ---- scatter_rows (KV cache writes) and argmax (greedy choice) ---- */
+/* ---- argmax (greedy choice) ---- */
 
-Test(ops, scatter_rows_argmax) {
-    enum { ROWS = 9, COLS = 37, N = 4 };
-    const int32_t idx[N] = {6, 0, 8, 3};
+Test(ops, argmax) {
+    enum { V = 1000 };
     for (int p = 0; p < N_PATHS; p++) {
-        rng_seed(900 + (uint64_t)p);
-        float *dst = buf_alloc(ROWS * COLS), *src = buf_alloc(N * COLS);
-        fill_normal(dst, ROWS * COLS, 0.0, 1.0);
-        fill_normal(src, N * COLS, 5.0, 1.0);
-        float *before = buf_copy(dst, ROWS * COLS);
-        be[p]->ops->scatter_rows(be[p], dst, src, idx, N, COLS);
-        check_written(dst, ROWS * COLS, "scatter_rows");
-        for (int r = 0; r < ROWS; r++) {
-            int from = -1;
-            for (int i = 0; i < N; i++)
-                if (idx[i] == r) from = i;
-            for (int c = 0; c < COLS; c++) {
-                float want = from < 0 ? before[r * COLS + c] : src[from * COLS + c];
-                cr_assert(dst[r * COLS + c] == want, "scatter_rows %s: row %d col %d", path_name[p], r, c);
-            }
-        }
-        /* argmax: the largest, the lowest index among ties, NaN never chosen */
-        enum { V = 1000 };
-        float *x = buf_alloc(3 * V);
-        fill_normal(x, 3 * V, 0.0, 1.0);
-        x[417] = 9.0f;                                /* row 0: a clear winner */
-        x[V + 5] = x[V + 600] = x[V + 999] = 7.0f;    /* row 1: ties go to the lowest index */
-        x[2 * V + 0] = NAN, x[2 * V + 3] = NAN;       /* row 2: NaNs around the winner */
+        /* the largest, the lowest index among ties, NaN never chosen */
+        th_rng_seed(900 + (uint64_t)p);
+        float *x = th_buf_alloc(3 * V);
+        th_fill_normal(x, 3 * V, 0.0, 1.0);
+        x[417] = 9.0f;                             /* row 0: a clear winner */
+        x[V + 5] = x[V + 600] = x[V + 999] = 7.0f; /* row 1: ties go to the lowest index */
+        x[2 * V + 0] = NAN, x[2 * V + 3] = NAN;    /* row 2: NaNs around the winner */
         x[2 * V + 2] = 8.0f;
         int32_t out[3] = {-1, -1, -1};
         be[p]->ops->argmax(be[p], x, 3, V, out);
         cr_assert(out[0] == 417 && out[1] == 5 && out[2] == 2, "argmax %s: %d %d %d", path_name[p], out[0], out[1],
                   out[2]);
-        free(dst);
-        free(src);
-        free(before);
         free(x);
     }
 }
@@ -395,11 +322,11 @@ Test(ops, conv1d_silu) {
     static const int64_t split[] = {1, 5, 2};
     double worst = 0;
     for (int p = 0; p < N_PATHS; p++) {
-        rng_seed(400 + (uint64_t)p);
-        float *x = buf_alloc(N * C), *w = buf_alloc(C * K), *state0 = buf_alloc((K - 1) * C);
-        fill_normal(x, N * C, 0.0, 1.0);
-        fill_normal(w, C * K, 0.0, 0.7);
-        fill_normal(state0, (K - 1) * C, 0.0, 1.0);
+        th_rng_seed(400 + (uint64_t)p);
+        float *x = th_buf_alloc(N * C), *w = th_buf_alloc(C * K), *state0 = th_buf_alloc((K - 1) * C);
+        th_fill_normal(x, N * C, 0.0, 1.0);
+        th_fill_normal(w, C * K, 0.0, 0.7);
+        th_fill_normal(state0, (K - 1) * C, 0.0, 1.0);
         /* the input sequence seen by the conv: the K-1 state rows, then the N tokens */
         double *ref = dalloc(N * C);
         for (int64_t t = 0; t < N; t++)
@@ -413,12 +340,12 @@ Test(ops, conv1d_silu) {
                 ref[t * C + ch] = acc / (1.0 + exp(-acc));
             }
         /* one call of N tokens */
-        float *st_whole = buf_copy(state0, (K - 1) * C), *out_whole = buf_alloc(N * C);
+        float *st_whole = th_buf_copy(state0, (K - 1) * C), *out_whole = th_buf_alloc(N * C);
         be[p]->ops->conv1d_silu(be[p], x, st_whole, w, N, C, K, out_whole);
         char what[96];
         snprintf(what, sizeof what, "conv1d_silu one call %s", path_name[p]);
-        check_written(out_whole, N * C, what);
-        check_written(st_whole, (K - 1) * C, what);
+        th_check_written(out_whole, N * C, what);
+        th_check_written(st_whole, (K - 1) * C, what);
         double e = rel_err(out_whole, ref, N * C);
         cr_assert(e <= 1e-6, "%s: relative error %.3g", what, e);
         if (e > worst) worst = e;
@@ -427,15 +354,15 @@ Test(ops, conv1d_silu) {
             cr_assert(memcmp(st_whole + k * C, x + (N - (K - 1) + k) * C, sizeof(float) * C) == 0,
                       "%s: state row %d is not input %d", what, k, N - (K - 1) + k);
         /* the same tokens in three calls, the state carried */
-        float *st = buf_copy(state0, (K - 1) * C);
+        float *st = th_buf_copy(state0, (K - 1) * C);
         int64_t t0 = 0;
         for (size_t si = 0; si < sizeof split / sizeof split[0]; si++) {
             int64_t n = split[si];
-            float *out = buf_alloc(n * C);
+            float *out = th_buf_alloc(n * C);
             be[p]->ops->conv1d_silu(be[p], x + t0 * C, st, w, n, C, K, out);
             snprintf(what, sizeof what, "conv1d_silu call %zu of %lld tokens %s", si, (long long)n, path_name[p]);
-            check_written(out, n * C, what);
-            check_written(st, (K - 1) * C, what);
+            th_check_written(out, n * C, what);
+            th_check_written(st, (K - 1) * C, what);
             cr_assert(memcmp(out, out_whole + t0 * C, sizeof(float) * (size_t)(n * C)) == 0,
                       "%s: differs from the single call", what);
             free(out);
@@ -472,11 +399,11 @@ static char dn_worst_at[N_PATHS][128];
 static void deltanet_case(const dn_case *c, uint64_t seed) {
     int Hk = c->Hk, Hv = c->Hv, dk = c->dk, dv = c->dv, ratio = Hv / Hk;
     int64_t nt = c->n_tok, nqk = nt * Hk * dk, nv = nt * Hv * dv, ng = nt * Hv, ns = (int64_t)Hv * dk * dv;
-    rng_seed(seed);
-    float *q = buf_alloc(nqk), *k = buf_alloc(nqk), *v = buf_alloc(nv);
-    float *g = buf_alloc(ng), *beta = buf_alloc(ng), *S0 = buf_alloc(ns);
-    fill_normal(q, nqk, 0.0, 1.0);
-    fill_normal(k, nqk, 0.0, 1.0);
+    th_rng_seed(seed);
+    float *q = th_buf_alloc(nqk), *k = th_buf_alloc(nqk), *v = th_buf_alloc(nv);
+    float *g = th_buf_alloc(ng), *beta = th_buf_alloc(ng), *S0 = th_buf_alloc(ns);
+    th_fill_normal(q, nqk, 0.0, 1.0);
+    th_fill_normal(k, nqk, 0.0, 1.0);
     for (int64_t r = 0; r < nt * Hk; r++) { /* L2-normalise; q scaled by dk^-0.5 */
         double sq = 0, sk = 0;
         for (int i = 0; i < dk; i++) {
@@ -488,19 +415,19 @@ static void deltanet_case(const dn_case *c, uint64_t seed) {
             k[r * dk + i] = (float)(k[r * dk + i] / sqrt(sk));
         }
     }
-    fill_normal(v, nv, 0.0, 1.0);
+    th_fill_normal(v, nv, 0.0, 1.0);
     for (int64_t i = 0; i < ng; i++) {
         /* g = -exp(A) * softplus(a): log decays in [-5, -0.001], or (G_NEAR0) in (-1e-3, 0) */
-        double A = -2.0 + 3.0 * rng_unif(), a = 2.0 * rng_normal();
+        double A = -2.0 + 3.0 * th_rng_unif(), a = 2.0 * th_rng_normal();
         double gg = -exp(A) * log1p(exp(a));
         if (c->gmode == G_WIDE)
             gg = gg < -5.0 ? -5.0 : gg > -0.001 ? -0.001 : gg;
         else
-            gg = -1e-3 * (1e-3 + rng_unif());
+            gg = -1e-3 * (1e-3 + th_rng_unif());
         g[i] = (float)gg;
-        beta[i] = (float)(1.0 / (1.0 + exp(-1.5 * rng_normal())));
+        beta[i] = (float)(1.0 / (1.0 + exp(-1.5 * th_rng_normal())));
     }
-    fill_normal(S0, ns, 0.0, 0.5);
+    th_fill_normal(S0, ns, 0.0, 0.5);
 
     /* naive: per v-head h, S [dk][dv]: S *= exp(g); kv = S^T k; S += k (x) beta (v - kv); o = S^T q */
     double *S = dalloc(ns), *ref = dalloc(nv), *kv = dalloc(dv);
@@ -524,13 +451,13 @@ static void deltanet_case(const dn_case *c, uint64_t seed) {
 
     backends_new(1, nt, dk > dv ? dk : dv);
     for (int p = 0; p < N_PATHS; p++) {
-        float *St = buf_copy(S0, ns), *out = buf_alloc(nv);
+        float *St = th_buf_copy(S0, ns), *out = th_buf_alloc(nv);
         be[p]->ops->deltanet(be[p], q, k, v, g, beta, St, nt, Hk, Hv, dk, dv, out);
         char what[128];
         snprintf(what, sizeof what, "deltanet Hk %d Hv %d dk %d dv %d n_tok %lld g %s %s", Hk, Hv, dk, dv,
                  (long long)nt, c->gmode == G_WIDE ? "wide" : "near 0", path_name[p]);
-        check_written(out, nv, what);
-        check_written(St, ns, what);
+        th_check_written(out, nv, what);
+        th_check_written(St, ns, what);
         double eo = rel_err(out, ref, nv), es = rel_err(St, S, ns);
         cr_assert(eo <= 1e-4, "%s: output relative error %.3g", what, eo);
         cr_assert(es <= 1e-4, "%s: final state relative error %.3g", what, es);
@@ -614,9 +541,9 @@ Test(ops, matmul_embed) {
     for (size_t mi = 0; mi < sizeof mats / sizeof mats[0]; mi++) {
         mf_qtype t = mats[mi].t;
         int64_t rows = mats[mi].rows, cols = mats[mi].cols, n = rows * cols;
-        rng_seed(600 + mi);
-        float *wf = buf_alloc(n);
-        fill_normal(wf, n, 0.0, 0.1);
+        th_rng_seed(600 + mi);
+        float *wf = th_buf_alloc(n);
+        th_fill_normal(wf, n, 0.0, 0.1);
         for (int64_t r = 0; r < rows; r += 3) /* some rows off centre */
             for (int64_t c = 0; c < cols; c++) wf[r * cols + c] += 0.2f;
         uint64_t bytes = quant_tensor_bytes(t, rows, cols);
@@ -627,7 +554,7 @@ Test(ops, matmul_embed) {
         double *wd = dalloc(n), *mag = dalloc(n);
         decode_ref(t, data, rows, cols, wd, mag);
         /* my reading of the layout agrees with the project's decoder and with the source values */
-        float *dec = buf_alloc(n);
+        float *dec = th_buf_alloc(n);
         quant_decode(t, data, rows, cols, dec);
         for (int64_t i = 0; i < n; i++)
             cr_assert(fabs((double)dec[i] - wd[i]) <= 0x1.0p-22 * mag[i], "%s: layout read differs at %lld",
@@ -639,8 +566,8 @@ Test(ops, matmul_embed) {
         for (int p = 0; p < N_PATHS; p++) {
             for (size_t ti = 0; ti < sizeof ntoks / sizeof ntoks[0]; ti++) {
                 int64_t nt = ntoks[ti];
-                float *x = buf_alloc(nt * cols), *y = buf_alloc(nt * rows);
-                fill_normal(x, nt * cols, 0.0, 1.0);
+                float *x = th_buf_alloc(nt * cols), *y = th_buf_alloc(nt * rows);
+                th_fill_normal(x, nt * cols, 0.0, 1.0);
                 double *ref = dalloc(nt * rows);
                 for (int64_t tt = 0; tt < nt; tt++)
                     for (int64_t r = 0; r < rows; r++)
@@ -649,7 +576,7 @@ Test(ops, matmul_embed) {
                 char what[96];
                 snprintf(what, sizeof what, "matmul %s %lldx%lld n_tok %lld %s", mf_qtype_name(t), (long long)rows,
                          (long long)cols, (long long)nt, path_name[p]);
-                check_written(y, nt * rows, what);
+                th_check_written(y, nt * rows, what);
                 for (int64_t tt = 0; tt < nt; tt++) {
                     double e = rel_err(y + tt * rows, ref + tt * rows, rows);
                     cr_assert(e <= 1e-5, "%s: token %lld relative error %.3g", what, (long long)tt, e);
@@ -661,11 +588,11 @@ Test(ops, matmul_embed) {
             }
             int32_t id[N_IDS];
             for (int i = 0; i < N_IDS; i++) id[i] = ids[i] < 0 ? (int32_t)rows - 1 : ids[i];
-            float *out = buf_alloc(N_IDS * cols);
+            float *out = th_buf_alloc(N_IDS * cols);
             be[p]->ops->embed(be[p], &w, id, N_IDS, out);
             char what[96];
             snprintf(what, sizeof what, "embed %s %s", mf_qtype_name(t), path_name[p]);
-            check_written(out, N_IDS * cols, what);
+            th_check_written(out, N_IDS * cols, what);
             for (int i = 0; i < N_IDS; i++)
                 for (int64_t c = 0; c < cols; c++) {
                     double r = wd[id[i] * cols + c], d = fabs((double)out[i * cols + c] - r);
@@ -688,11 +615,8 @@ Test(ops, matmul_embed) {
 
 /* ---- moe_experts: a layer's routed experts; host_alloc ---- */
 
-static uint64_t align_up(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
-
-/* E expert blobs laid out as docs/format.md says: gate [I][H], up [I][H], down [H][I], each part
- * at a 64-aligned offset in a blob of a 4096-multiple stride; dec[e][part] holds the parts as
- * quant_decode reads them. */
+/* E expert blobs laid out as th_expert_layout says; dec[e][part] holds the parts as quant_decode
+ * reads them. */
 typedef struct moe_blobs {
     mf_expert_layout lay;
     unsigned char *mem;
@@ -703,15 +627,8 @@ typedef struct moe_blobs {
 
 static void moe_blobs_make(moe_blobs *mb, const mf_qtype types[3], int E, int64_t H, int64_t I) {
     mb->E = E;
-    mb->lay.inter = I, mb->lay.hidden = H;
     const int64_t rows[3] = {I, I, H}, cols[3] = {H, H, I};
-    uint64_t at = 0;
-    for (int p = 0; p < 3; p++) {
-        mb->lay.type[p] = types[p];
-        mb->lay.offset[p] = at = align_up(at, 64);
-        at += quant_tensor_bytes(types[p], rows[p], cols[p]);
-    }
-    uint64_t stride = align_up(at, 4096);
+    uint64_t stride = th_expert_layout(&mb->lay, types, H, I);
     mb->mem = aligned_alloc(4096, stride * (uint64_t)E);
     mb->table = malloc(sizeof(void *) * (size_t)E);
     cr_assert(mb->mem && mb->table, "out of memory");
@@ -721,8 +638,8 @@ static void moe_blobs_make(moe_blobs *mb, const mf_qtype types[3], int E, int64_
         mb->table[e] = blob;
         for (int p = 0; p < 3; p++) {
             int64_t n = rows[p] * cols[p];
-            float *wf = buf_alloc(n);
-            fill_normal(wf, n, 0.0, 1.0 / sqrt((double)cols[p]));
+            float *wf = th_buf_alloc(n);
+            th_fill_normal(wf, n, 0.0, 1.0 / sqrt((double)cols[p]));
             for (int64_t r = 0; r < rows[p]; r += 5) /* some rows off centre */
                 for (int64_t c = 0; c < cols[p]; c++) wf[r * cols[p] + c] += 0.05f;
             quant_encode(types[p], wf, rows[p], cols[p], blob + mb->lay.offset[p]);
@@ -780,42 +697,29 @@ Test(ops, moe_experts) {
     for (size_t ti = 0; ti < sizeof typesets / sizeof typesets[0]; ti++)
         for (size_t ri = 0; ri < sizeof routes / sizeof routes[0]; ri++) {
             int E = routes[ri].E, K = routes[ri].K;
-            rng_seed(700 + ti * 10 + ri);
+            th_rng_seed(700 + ti * 10 + ri);
             moe_blobs mb;
             moe_blobs_make(&mb, typesets[ti], E, H, I);
             mf_backend_limits lim = {1, 17, 1, E, K, I, H};
             for (int p = 0; p < N_PATHS; p++) cr_assert(be[p]->ops->reserve(be[p], &lim) == MF_OK, "reserve failed");
             for (size_t ni = 0; ni < sizeof ntoks / sizeof ntoks[0]; ni++) {
                 int64_t nt = ntoks[ni];
-                float *x = buf_alloc(nt * H), *w = buf_alloc(nt * K);
+                float *x = th_buf_alloc(nt * H), *w = th_buf_alloc(nt * K);
                 int32_t *ids = malloc(sizeof(int32_t) * (size_t)(nt * K));
                 cr_assert(ids);
-                fill_normal(x, nt * H, 0.0, 1.0);
-                for (int64_t t = 0; t < nt; t++) { /* K distinct experts, positive weights */
-                    float ws = 0;
-                    for (int j = 0; j < K; j++) {
-                        int e, dup;
-                        do {
-                            e = (int)(rng_next() % (uint64_t)E);
-                            dup = 0;
-                            for (int k = 0; k < j; k++) dup |= ids[t * K + k] == e;
-                        } while (dup);
-                        ids[t * K + j] = e;
-                        ws += w[t * K + j] = (float)(0.1 + rng_unif());
-                    }
-                    for (int j = 0; j < K; j++) w[t * K + j] /= ws;
-                }
+                th_fill_normal(x, nt * H, 0.0, 1.0);
+                th_moe_routes(E, K, nt, ids, w);
                 double *ref = dalloc(nt * H);
                 moe_ref(&mb, x, ids, w, nt, K, ref);
                 float *y[N_PATHS];
                 for (int p = 0; p < N_PATHS; p++) {
-                    y[p] = buf_alloc(nt * H); /* NaN: every element must be overwritten */
+                    y[p] = th_buf_alloc(nt * H); /* NaN: every element must be overwritten */
                     be[p]->ops->moe_experts(be[p], x, ids, w, nt, K, mb.table, &mb.lay, y[p]);
                     char what[128];
                     snprintf(what, sizeof what, "moe_experts %s/%s E %d K %d n_tok %lld %s",
                              mf_qtype_name(typesets[ti][0]), mf_qtype_name(typesets[ti][2]), E, K, (long long)nt,
                              path_name[p]);
-                    check_written(y[p], nt * H, what);
+                    th_check_written(y[p], nt * H, what);
                     for (int64_t t = 0; t < nt; t++) {
                         double e = rel_err(y[p] + t * H, ref + t * H, H);
                         cr_assert(e <= 1e-5, "%s: token %lld relative error %.3g", what, (long long)t, e);

@@ -6,6 +6,8 @@
 
 #include <stdint.h>
 
+#include "backend/sample_args.h"
+
 #include "core/err.h"
 #include "moeflux.h"
 
@@ -26,12 +28,13 @@ typedef struct mf_backend mf_backend;
  * rope(rmsnorm(k head) * k_norm) and v go to row pos[t] of k_cache and v_cache [ctx][n_kv]
  * [head_dim]. Norm weights may be NULL (no scaling); rope as the rope op (rotate_half over the
  * first rot_dim dims). q may equal q_src when q_stride is head_dim. */
-/* What deltanet_step does for n_tok tokens of a Gated DeltaNet layer: q, k [n_tok][Hk][dk] as
- * the projections give them are L2-normalised (q also scaled by q_scale; eps 1e-6, as l2norm),
- * the gates come from a, bb [n_tok][Hv] with A_log, dt_bias [Hv] as dn_gates computes them, then
- * the delta rule runs as deltanet does on S [Hv][dk][dv] with v [n_tok][Hv][dv] into out
- * [n_tok][Hv][dv]. q, k, g and beta ([n_tok][Hv]) are work space: their contents afterwards are
- * unspecified. */
+/* What deltanet_step does for n_tok tokens of a Gated DeltaNet layer: each row of q, k
+ * [n_tok][Hk][dk] as the projections give them is L2-normalised, x * scale / sqrt(sum(x^2) + eps)
+ * with eps 1e-6 and scale q_scale for q, 1 for k; the gates come from a, bb [n_tok][Hv] with
+ * A_log, dt_bias [Hv]: beta = sigmoid(bb), g = -exp(A_log[h]) * softplus(a + dt_bias[h]) (softplus
+ * with threshold 20, as torch); then the delta rule runs as deltanet does on S [Hv][dk][dv] with
+ * v [n_tok][Hv][dv] into out [n_tok][Hv][dv]. q, k, g and beta ([n_tok][Hv]) are work space:
+ * their contents afterwards are unspecified. */
 typedef struct mf_deltanet_step {
     int64_t n_tok;
     int Hk, Hv, dk, dv;
@@ -138,7 +141,7 @@ typedef struct mf_backend_ops {
                      const float *g, const float *beta, float *S, int64_t n_tok, int Hk, int Hv,
                      int dk, int dv, float *out);
 
-    /* l2norm of q and k, dn_gates and deltanet in one op (mf_deltanet_step). */
+    /* L2 norm of q and k, the gates and deltanet in one op (mf_deltanet_step). */
     void (*deltanet_step)(mf_backend *b, const mf_deltanet_step *p);
 
     /* ---- elementwise and data movement ---- */
@@ -151,12 +154,6 @@ typedef struct mf_backend_ops {
     void (*mul_sigmoid)(mf_backend *b, float *x, const float *gate, int64_t n);
     /* g[i] = silu(g[i]) * u[i] */
     void (*swiglu)(mf_backend *b, float *g, const float *u, int64_t n);
-    /* each row of x [rows][dim]: x * scale / sqrt(sum(x^2) + eps) */
-    void (*l2norm)(mf_backend *b, float *x, int64_t rows, int dim, float eps, float scale);
-    /* Gated DeltaNet gates for [n_tok][Hv]: beta = sigmoid(bb); g = -exp(A_log[h]) *
-     * softplus(a + dt_bias[h]) (softplus with threshold 20, as torch). */
-    void (*dn_gates)(mf_backend *b, const float *a, const float *bb, const float *A_log,
-                     const float *dt_bias, int64_t n_tok, int Hv, float *g, float *beta);
     /* o [rows][dim] = rmsnorm(o) * w * silu(z), z [rows][dim], w [dim] */
     void (*gated_norm)(mf_backend *b, float *o, const float *w, const float *z, int64_t rows,
                        int dim, float eps);
@@ -167,9 +164,6 @@ typedef struct mf_backend_ops {
     /* dst[i] = src[idx[i]] (rows of cols floats), i < n */
     void (*gather_rows)(mf_backend *b, float *dst, const float *src, const int32_t *idx, int64_t n,
                         int64_t cols);
-    /* dst[idx[i]] = src[i] (rows of cols floats), i < n; idx unique */
-    void (*scatter_rows)(mf_backend *b, float *dst, const float *src, const int32_t *idx, int64_t n,
-                         int64_t cols);
     /* out[r] = index of the largest of x[r][0 .. cols - 1] (the lowest on ties; NaN never wins), r < rows */
     void (*argmax)(mf_backend *b, const float *x, int64_t rows, int64_t cols, int32_t *out);
     /* y[idx[i]] += w[i] * src[i] (rows of cols floats), i < n; idx may repeat only across calls */
@@ -224,6 +218,13 @@ typedef struct mf_backend_ops {
     /* Issues the recorded ops again, in order after every op issued before. */
     void (*graph_launch)(mf_backend *b, void *graph);
     void (*graph_free)(mf_backend *b, void *graph);
+
+    /* ---- sampling on the device (NULL where the host samples, as on the CPU) ----
+     * Applies a's penalties to logits [vocab] in place (backend memory), then writes to out
+     * (backend memory [1]) the token the host sampler's sampler_finish would pick from them
+     * with a's draw, or -1 when the cuts reach more candidates than the device sorts (the
+     * caller then finishes on the host from the penalised logits). */
+    void (*sample)(mf_backend *b, float *logits, int64_t vocab, const mf_sample_args *a, int32_t *out);
 } mf_backend_ops;
 
 struct mf_backend {

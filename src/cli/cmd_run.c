@@ -141,9 +141,8 @@ typedef struct engine {
     mf_session *s;
     mf_sampler *smp;
     int vocab;
-    float *logits;            /* [vocab] */
-    int greedy;               /* plain argmax: the backend picks, the logits stay there */
-    int32_t next;             /* its pick after the last token (greedy) */
+    int greedy;               /* plain argmax, no penalties */
+    int32_t next;             /* the choice after the last token (the logits stay on the backend) */
     int32_t *hist;            /* [max_ctx] the session's tokens */
     int n_hist;
     int max_ctx;
@@ -187,9 +186,8 @@ static int engine_open(engine *e, const char *path, gen_opts *g, const char *cmd
     e->greedy = g->sp.temperature <= 0 && g->sp.repetition_penalty == 1.0f && g->sp.presence_penalty == 0 &&
                 g->sp.frequency_penalty == 0;
     e->smp = mf_sampler_new(&g->sp, e->vocab);
-    e->logits = malloc(sizeof(float) * (size_t)e->vocab);
     e->hist = malloc(sizeof(int32_t) * (size_t)e->max_ctx);
-    if (!e->smp || !e->logits || !e->hist) {
+    if (!e->smp || !e->hist) {
         fprintf(stderr, "moeflux %s: out of memory\n", cmd);
         return -1;
     }
@@ -201,17 +199,16 @@ static void engine_close(engine *e) {
     mf_session_free(e->s);
     mf_model_free(e->m);
     mf_text_free(e->t);
-    free(e->logits);
     free(e->hist);
 }
 
-/* Runs n tokens; leaves what the next choice needs: the logits, or the backend's greedy pick. */
+/* Runs n tokens and picks the next one (on the backend where it can: only the token comes back). */
 static mf_status engine_eval(engine *e, const int32_t *toks, int n) {
     if (e->greedy) return mf_session_eval_greedy(e->s, toks, n, &e->next);
-    return mf_session_eval(e->s, toks, n, e->logits, 0);
+    return mf_session_eval_sample(e->s, toks, n, e->smp, &e->next);
 }
 
-/* Makes the session hold exactly `ids` (reusing the longest common prefix), leaving the logits
+/* Makes the session hold exactly `ids` (reusing the longest common prefix), leaving the
  * choice after the last one (engine_eval). Returns the number of tokens evaluated, or -1. */
 static int engine_sync(engine *e, const int32_t *ids, int n, const char *cmd) {
     if (n > e->max_ctx) {
@@ -220,7 +217,7 @@ static int engine_sync(engine *e, const int32_t *ids, int n, const char *cmd) {
     }
     int common = 0;
     while (common < n && common < e->n_hist && e->hist[common] == ids[common]) common++;
-    if (common == n && n > 0) common--; /* re-run the last token to get its logits */
+    if (common == n && n > 0) common--; /* re-run the last token to get the choice after it */
     if (mf_session_truncate(e->s, common) != MF_OK) {
         fprintf(stderr, "moeflux %s: %s\n", cmd, mf_session_error(e->s));
         return -1;
@@ -270,7 +267,7 @@ static int generate(engine *e, const gen_opts *g, gen_result *r, const char *cmd
             r->stopped_by = 4;
             break;
         }
-        int32_t tok = e->greedy ? e->next : mf_sampler_sample(e->smp, e->logits, e->hist, e->n_hist);
+        int32_t tok = e->next;
         int is_eos = 0;
         for (int i = 0; i < n_eos; i++) is_eos |= tok == eos[i];
         if (is_eos && !g->ignore_eos) {

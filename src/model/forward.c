@@ -375,7 +375,7 @@ mf_status forward_chunk(mf_session *s, const int32_t *tokens, int n, float *logi
     if (s->profile) prof_mark(s, NULL);
     OPS->upload(be, s->d_positions, s->positions, sizeof(int32_t) * (size_t)n);
     OPS->upload(be, s->d_tokens, tokens, sizeof(int32_t) * (size_t)n);
-    int want_out = logits || next;
+    int want_out = logits || next || s->keep_logits;
     if (want_out && graph_eligible(s, n)) {
         mf_status st = s->graph ? MF_OK : graph_record(s);
         if (st) return st;

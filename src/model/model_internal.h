@@ -92,6 +92,8 @@ struct mf_session {
     int32_t *d_pred_ids;       /* backend memory [chunk][top_k] the next layer's predicted choice (view) */
     float *d_pred_w;           /* backend memory [chunk][top_k] */
     int32_t *d_next;           /* backend memory [1] the greedy choice after the last token */
+    int keep_logits;           /* forward_chunk leaves the last token's logits in d_logits */
+    float *logits_host;        /* host [vocab] for sampling on the host, allocated on first use */
     int64_t attn_ctx;          /* context bound the attention ops of this step are sized for */
     int use_graph;             /* decode steps may be recorded once and replayed */
     void *graph;               /* the recorded decode step (layers, head, greedy choice), or NULL */
@@ -102,7 +104,8 @@ void prof_mark(mf_session *s, double *acc);
 
 /* Runs n <= chunk tokens at positions pos .. pos + n - 1 through every layer; writes logits
  * [n][vocab] when all_logits, else only the last token's [vocab] (logits may be NULL), and the
- * greedy choice after the last token into *next (next may be NULL). */
+ * greedy choice after the last token into *next (next may be NULL). With keep_logits set the
+ * last token's logits are left in d_logits (row 0) either way. */
 mf_status forward_chunk(mf_session *s, const int32_t *tokens, int n, float *logits, int all_logits, int32_t *next);
 
 #endif

@@ -9,7 +9,9 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "backend/cuda/cuda_backend.h"
 #include "model/model_internal.h"
+#include "text/sampler.h"
 
 #include <time.h>
 
@@ -82,6 +84,7 @@ void mf_session_free(mf_session *s) {
                        s->d_expert_tok, s->d_expert_tw, s->d_logits, (void *)s->d_blob_table, s->d_pred_w, s->d_next};
         for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++) be->ops->free(be, dev[i]);
     }
+    free(s->logits_host);
     free(s->k_cache);
     free(s->v_cache);
     free(s->conv_state);
@@ -270,6 +273,53 @@ mf_status mf_session_eval_greedy(mf_session *s, const int32_t *tokens, int n, in
     if (!s || !s->m) return MF_ERR_ARG;
     if (!next) return err_set(&s->err, MF_ERR_ARG, "eval_greedy: no place for the next token");
     return eval_checked(s, tokens, n, NULL, 0, next);
+}
+
+/* The sampler's choice from the last token's logits in d_logits: on the backend where it
+ * samples (the token comes back, or -1 when the draw needs more candidates sorted than it
+ * holds: the penalised logits then come back and the host finishes), else on the host. */
+static mf_status sample_kept(mf_session *s, sampler *sp, int32_t *next) {
+    mf_backend *be = s->m->be;
+    const int V = s->m->file.L.hp.vocab;
+    mf_sample_args a;
+    sampler_prepare(sp, s->tokens, s->pos, &a);
+    int penalised = 0;
+    if (be->ops->sample) {
+        int32_t tok = -1;
+        be->ops->sample(be, s->d_logits, V, &a, s->d_next);
+        be->ops->download(be, &tok, s->d_next, sizeof tok);
+        const char *e = cuda_backend_last_error(be);
+        if (e) return err_set(&s->err, MF_ERR_INTERNAL, "sampling on the backend failed: %s", e);
+        if (tok >= 0 && tok < V) {
+            *next = tok;
+            return MF_OK;
+        }
+        if (tok != -1) return err_set(&s->err, MF_ERR_INTERNAL, "sampling on the backend gave token %d", tok);
+        penalised = 1;
+    }
+    float *lg = s->d_logits;
+    if (!be->ops->host_memory) {
+        if (!s->logits_host && !(s->logits_host = malloc(sizeof(float) * (size_t)V)))
+            return err_set(&s->err, MF_ERR_NOMEM, "sampling: no memory for the logits");
+        be->ops->download(be, s->logits_host, s->d_logits, sizeof(float) * (size_t)V);
+        lg = s->logits_host;
+    }
+    *next = sampler_finish(sp, lg, &a, penalised);
+    return MF_OK;
+}
+
+mf_status mf_session_eval_sample(mf_session *s, const int32_t *tokens, int n, mf_sampler *smp, int32_t *next) {
+    if (!s || !s->m) return MF_ERR_ARG;
+    if (!smp || !next) return err_set(&s->err, MF_ERR_ARG, "eval_sample: no sampler or no place for the next token");
+    sampler *sp = mf_sampler_inner(smp);
+    if (sampler_vocab(sp) != s->m->file.L.hp.vocab)
+        return err_set(&s->err, MF_ERR_ARG, "eval_sample: the sampler's vocabulary (%d) is not the model's (%d)",
+                       sampler_vocab(sp), s->m->file.L.hp.vocab);
+    s->keep_logits = 1;
+    mf_status st = eval_checked(s, tokens, n, NULL, 0, NULL);
+    s->keep_logits = 0;
+    if (st) return st;
+    return sample_kept(s, sp, next);
 }
 
 static mf_status eval_checked(mf_session *s, const int32_t *tokens, int n, float *logits, int all_logits,

@@ -18,7 +18,9 @@ struct sampler {
     uint64_t rng[4];
     cand *c;           /* [vocab] candidates, sorted by logit */
     float *prob;       /* [vocab] */
-    int32_t *count;    /* [vocab] occurrences within the penalty window */
+    int32_t *count;    /* [vocab] occurrences within the penalty window (0 between calls) */
+    int32_t *pen_id;   /* [vocab] distinct tokens of the window, in order of first occurrence */
+    int32_t *pen_count;/* [vocab] their counts */
 };
 
 void mf_sampler_params_init(mf_sampler_params *p) {
@@ -67,7 +69,9 @@ sampler *sampler_new(const mf_sampler_params *p, int vocab) {
     s->c = malloc(sizeof(cand) * (size_t)vocab);
     s->prob = malloc(sizeof(float) * (size_t)vocab);
     s->count = calloc((size_t)vocab, sizeof(int32_t));
-    if (!s->c || !s->prob || !s->count) {
+    s->pen_id = malloc(sizeof(int32_t) * (size_t)vocab);
+    s->pen_count = malloc(sizeof(int32_t) * (size_t)vocab);
+    if (!s->c || !s->prob || !s->count || !s->pen_id || !s->pen_count) {
         sampler_free(s);
         return NULL;
     }
@@ -87,6 +91,8 @@ void sampler_free(sampler *s) {
     free(s->c);
     free(s->prob);
     free(s->count);
+    free(s->pen_id);
+    free(s->pen_count);
     free(s);
 }
 
@@ -129,37 +135,67 @@ static int sort_best(cand *c, int n, int m, float best, float floor_) {
 /* The first largest value's index; NaNs never win (all NaN: 0). */
 static int32_t argmax(const float *v, int n) {
     int32_t b = 0;
-    while (b < n - 1 && v[b] != v[b]) b++;
+    while (b < n && v[b] != v[b]) b++;
+    if (b == n) return 0;
     for (int i = b + 1; i < n; i++)
         if (v[i] > v[b]) b = i;
     return b;
 }
 
-int32_t sampler_sample(sampler *s, float *logits, const int32_t *history, int n_history) {
+int sampler_vocab(const sampler *s) { return s->vocab; }
+
+void sampler_prepare(sampler *s, const int32_t *history, int n_history, mf_sample_args *a) {
     const mf_sampler_params *p = &s->p;
     int V = s->vocab;
-    /* penalties over the window */
-    int from = (p->penalty_last_n > 0 && n_history > p->penalty_last_n) ? n_history - p->penalty_last_n : 0;
+    memset(a, 0, sizeof *a);
+    a->temperature = p->temperature;
+    a->inv_temperature = p->temperature > 0 ? 1.0f / p->temperature : 0;
+    a->top_k = p->top_k;
+    a->top_p = p->top_p;
+    a->min_p = p->min_p;
+    a->repetition = p->repetition_penalty;
+    a->presence = p->presence_penalty;
+    a->frequency = p->frequency_penalty;
+    a->pen_id = s->pen_id;
+    a->pen_count = s->pen_count;
+    /* the window's distinct tokens and their counts */
     if (p->repetition_penalty != 1.0f || p->presence_penalty != 0 || p->frequency_penalty != 0) {
-        for (int i = from; i < n_history; i++)
-            if (history[i] >= 0 && history[i] < V) s->count[history[i]]++;
+        int from = (p->penalty_last_n > 0 && n_history > p->penalty_last_n) ? n_history - p->penalty_last_n : 0;
         for (int i = from; i < n_history; i++) {
             int32_t t = history[i];
-            if (t < 0 || t >= V || s->count[t] == 0) continue;
-            float l = logits[t];
-            if (p->repetition_penalty != 1.0f) l = l > 0 ? l / p->repetition_penalty : l * p->repetition_penalty;
-            l -= p->presence_penalty + p->frequency_penalty * (float)s->count[t];
-            logits[t] = l;
-            s->count[t] = 0; /* each distinct token once */
+            if (t >= 0 && t < V && s->count[t]++ == 0) s->pen_id[a->n_pen++] = t;
+        }
+        for (int k = 0; k < a->n_pen; k++) {
+            s->pen_count[k] = s->count[s->pen_id[k]];
+            s->count[s->pen_id[k]] = 0;
         }
     }
+    if (p->temperature > 0) a->u = next_unit(s->rng);
+}
+
+int32_t sampler_sample(sampler *s, float *logits, const int32_t *history, int n_history) {
+    mf_sample_args a;
+    sampler_prepare(s, history, n_history, &a);
+    return sampler_finish(s, logits, &a, 0);
+}
+
+int32_t sampler_finish(sampler *s, float *logits, const mf_sample_args *a, int penalised) {
+    const mf_sampler_params *p = &s->p;
+    int V = s->vocab;
+    if (!penalised)
+        for (int k = 0; k < a->n_pen; k++) {
+            float l = logits[a->pen_id[k]];
+            if (a->repetition != 1.0f) l = l > 0 ? l / a->repetition : l * a->repetition;
+            l -= a->presence + a->frequency * (float)a->pen_count[k];
+            logits[a->pen_id[k]] = l;
+        }
     if (p->temperature <= 0) return argmax(logits, V);
     /* candidates: tokens within 40 temperatures of the best logit (the rest weigh under e^-40
      * of it); only the best ones are ever sorted (top-k, then as far as top-p and min-p reach) */
     const int32_t top = argmax(logits, V);
     const float best = logits[top], floor_ = best - 40.0f * p->temperature;
     if (!isfinite(best)) return top; /* +inf takes all the mass; -inf or NaN everywhere: nothing to weigh */
-    const float inv_t = 1.0f / p->temperature;
+    const float inv_t = a->inv_temperature;
     int n = 0;
     for (int i = 0; i < V; i++)
         if (logits[i] >= floor_) s->c[n++] = (cand){logits[i], i};
@@ -170,7 +206,7 @@ int32_t sampler_sample(sampler *s, float *logits, const int32_t *history, int n_
     for (int i = 0; i < cut; i++) sum += expf((s->c[i].logit - best) * inv_t);
     if (p->top_p >= 1.0f && p->min_p <= 0) {
         /* no cut by rank: one draw over the candidates in any fixed order */
-        double r = next_unit(s->rng) * sum, c = 0;
+        double r = a->u * sum, c = 0;
         for (int i = 0; i < cut; i++) {
             c += expf((s->c[i].logit - best) * inv_t);
             if (r < c) return s->c[i].id;
@@ -212,7 +248,7 @@ int32_t sampler_sample(sampler *s, float *logits, const int32_t *history, int n_
     }
     double total = 0;
     for (int i = 0; i < n; i++) total += s->prob[i];
-    double r = next_unit(s->rng) * total, c = 0;
+    double r = a->u * total, c = 0;
     for (int i = 0; i < n; i++) {
         c += s->prob[i];
         if (r < c) return s->c[i].id;

@@ -47,6 +47,8 @@ int32_t mf_sampler_sample(mf_sampler *s, float *logits, const int32_t *history, 
     return sampler_sample(s->s, logits, history, n_history);
 }
 
+sampler *mf_sampler_inner(mf_sampler *s) { return s->s; }
+
 void mf_sampler_free(mf_sampler *s) {
     if (!s) return;
     sampler_free(s->s);

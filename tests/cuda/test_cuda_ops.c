@@ -14,39 +14,14 @@
 #include "backend/backend.h"
 #include "backend/cuda/cuda_backend.h"
 #include "format/quant.h"
+#include "../helpers.h"
 
-/* ---- random numbers: xorshift64*, a fixed seed per case ---- */
-
-static uint64_t rng_s;
-
-static void rng_seed(uint64_t seed) { rng_s = seed * 0x9e3779b97f4a7c15u + 0x632be59bd9b4e019u; }
-
-static uint64_t rng_next(void) {
-    rng_s ^= rng_s >> 12;
-    rng_s ^= rng_s << 25;
-    rng_s ^= rng_s >> 27;
-    return rng_s * 0x2545f4914f6cdd1du;
-}
-
-static double rng_unif(void) { return (double)(rng_next() >> 11) * 0x1.0p-53; } /* [0, 1) */
-
-static double rng_normal(void) {
-    double u1 = 1.0 - rng_unif(), u2 = rng_unif();
-    return sqrt(-2.0 * log(u1)) * cos(2.0 * M_PI * u2);
-}
+/* ---- host arrays (random numbers and guarded buffers: helpers.h) ---- */
 
 static float *hnormal(int64_t n, double mean, double sd) {
-    float *x = malloc(sizeof(float) * (size_t)(n ? n : 1));
-    cr_assert(x, "out of memory");
-    for (int64_t i = 0; i < n; i++) x[i] = (float)(mean + sd * rng_normal());
+    float *x = th_buf_alloc(n);
+    th_fill_normal(x, n, mean, sd);
     return x;
-}
-
-static float *hcopy(const float *x, int64_t n) {
-    float *p = malloc(sizeof(float) * (size_t)(n ? n : 1));
-    cr_assert(p, "out of memory");
-    memcpy(p, x, sizeof(float) * (size_t)n);
-    return p;
 }
 
 /* ---- the two backends ---- */
@@ -82,25 +57,14 @@ static void no_cuda_error(void) {
     cr_assert(!e, "CUDA backend error: %s", e);
 }
 
-/* ---- device buffers: n floats then GUARD guard floats (a NaN with its own payload) ---- */
-
-#define GUARD 64
-#define GUARD_BITS 0x7fc0beefu
-#define POISON_BITS 0x7fc0dead
+/* ---- device buffers: n floats then TH_GUARD guard floats, as th_buf_alloc makes them ---- */
 
 /* n floats in device memory followed by the guard: init[0..n) or, when init is NULL, NaNs. */
 static float *dev_floats(const float *init, int64_t n) {
-    float *h = malloc(sizeof(float) * (size_t)(n + GUARD));
-    cr_assert(h, "out of memory");
-    uint32_t poison = POISON_BITS, guard = GUARD_BITS;
-    for (int64_t i = 0; i < n; i++) {
-        if (init) h[i] = init[i];
-        else memcpy(&h[i], &poison, 4);
-    }
-    for (int i = 0; i < GUARD; i++) memcpy(&h[n + i], &guard, 4);
-    float *d = gpu->ops->alloc(gpu, sizeof(float) * (size_t)(n + GUARD));
-    cr_assert(d, "device allocation of %lld floats failed", (long long)(n + GUARD));
-    gpu->ops->upload(gpu, d, h, sizeof(float) * (size_t)(n + GUARD));
+    float *h = init ? th_buf_copy(init, n) : th_buf_alloc(n);
+    float *d = gpu->ops->alloc(gpu, sizeof(float) * (size_t)(n + TH_GUARD));
+    cr_assert(d, "device allocation of %lld floats failed", (long long)(n + TH_GUARD));
+    gpu->ops->upload(gpu, d, h, sizeof(float) * (size_t)(n + TH_GUARD));
     free(h);
     return d;
 }
@@ -115,18 +79,11 @@ static void *dev_bytes(const void *init, size_t bytes) {
 /* Downloads n floats of d into a new host array; the guard after them must be intact and every
  * value finite. */
 static float *dev_fetch(const float *d, int64_t n, const char *what) {
-    float *h = malloc(sizeof(float) * (size_t)(n + GUARD));
+    float *h = malloc(sizeof(float) * (size_t)(n + TH_GUARD));
     cr_assert(h, "out of memory");
-    gpu->ops->download(gpu, h, d, sizeof(float) * (size_t)(n + GUARD));
+    gpu->ops->download(gpu, h, d, sizeof(float) * (size_t)(n + TH_GUARD));
     no_cuda_error();
-    for (int i = 0; i < GUARD; i++) {
-        uint32_t g;
-        memcpy(&g, &h[n + i], 4);
-        cr_assert(g == GUARD_BITS, "%s: guard float %d after the output was overwritten", what, i);
-    }
-    for (int64_t i = 0; i < n; i++)
-        cr_assert(isfinite(h[i]), "%s: element %lld is %g (not written or not finite)", what, (long long)i,
-                  (double)h[i]);
+    th_check_written(h, n, what);
     return h;
 }
 
@@ -240,23 +197,23 @@ static void *make_weights(mf_qtype t, int64_t rows, int64_t cols) {
     int64_t n = rows * cols;
     if (t == MF_QTYPE_F32) {
         float *f = (float *)p;
-        for (int64_t i = 0; i < n; i++) f[i] = (float)(sd * rng_normal());
+        for (int64_t i = 0; i < n; i++) f[i] = (float)(sd * th_rng_normal());
     } else if (t == MF_QTYPE_BF16) {
         uint16_t *b = (uint16_t *)p;
-        for (int64_t i = 0; i < n; i++) b[i] = f32_to_bf16((float)(sd * rng_normal()));
+        for (int64_t i = 0; i < n; i++) b[i] = f32_to_bf16((float)(sd * th_rng_normal()));
     } else {
         int bits = quant_bits(t);
         uint64_t wbytes = (uint64_t)n * (uint64_t)bits / 8;
         for (uint64_t i = 0; i < wbytes; i += 8) {
-            uint64_t r = rng_next();
+            uint64_t r = th_rng_next();
             memcpy(p + i, &r, wbytes - i < 8 ? wbytes - i : 8);
         }
         uint16_t *sc = (uint16_t *)(p + wbytes), *bi = sc + n / QUANT_GROUP;
         double levels = (double)((1 << bits) - 1);
         for (int64_t g = 0; g < n / QUANT_GROUP; g++) {
-            float s = (float)(2.0 * sd / levels * (0.5 + rng_unif()));
+            float s = (float)(2.0 * sd / levels * (0.5 + th_rng_unif()));
             sc[g] = f32_to_bf16(s);
-            bi[g] = f32_to_bf16((float)(-s * levels / 2 * (1.0 + 0.2 * rng_normal())));
+            bi[g] = f32_to_bf16((float)(-s * levels / 2 * (1.0 + 0.2 * th_rng_normal())));
         }
     }
     return p;
@@ -303,7 +260,7 @@ Test(cuda, matmul_fixture_dims) {
     for (size_t ti = 0; ti < 4; ti++)
         for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++)
             for (size_t k = 0; k < sizeof toks / sizeof toks[0]; k++) {
-                rng_seed(1000 + ti * 100 + si * 10 + k);
+                th_rng_seed(1000 + ti * 100 + si * 10 + k);
                 double e = matmul_case(all_types[ti], shapes[si].rows, shapes[si].cols, toks[k], 0);
                 if (e > worst) worst = e;
             }
@@ -313,7 +270,7 @@ Test(cuda, matmul_fixture_dims) {
 Test(cuda, matmul_unaligned) {
     /* bf16/f32 rows that are not whole 16-byte chunks, and misaligned weights: tiled kernel */
     double worst = 0;
-    rng_seed(2000);
+    th_rng_seed(2000);
     worst = fmax(worst, matmul_case(MF_QTYPE_BF16, 33, 100, 1, 0));
     worst = fmax(worst, matmul_case(MF_QTYPE_F32, 17, 7, 3, 0));
     worst = fmax(worst, matmul_case(MF_QTYPE_BF16, 40, 72, 2, 4));
@@ -334,7 +291,7 @@ Test(cuda, matmul_real_dims) {
             for (size_t k = 0; k < sizeof toks / sizeof toks[0]; k++) {
                 /* the CPU reference is slow: the big ones at fewer token counts */
                 if (shapes[si].rows * shapes[si].cols > 4 << 20 && toks[k] > 1 && toks[k] != 8) continue;
-                rng_seed(3000 + ti * 100 + si * 10 + k);
+                th_rng_seed(3000 + ti * 100 + si * 10 + k);
                 double e = matmul_case(all_types[ti], shapes[si].rows, shapes[si].cols, toks[k], 0);
                 if (e > worst) worst = e;
             }
@@ -343,7 +300,7 @@ Test(cuda, matmul_real_dims) {
 
 Test(cuda, matmul_lm_head_q8) {
     /* the 248320-row lm_head of Qwen3.5/3.6 as q8, one token */
-    rng_seed(4000);
+    th_rng_seed(4000);
     double e = matmul_case(MF_QTYPE_Q8, 248320, 2048, 1, 0);
     cr_log_info("matmul q8 lm_head [248320 x 2048]: relative error %.3g", e);
 }
@@ -389,7 +346,7 @@ Test(cuda, matmul_multi) {
     const int64_t dn[4] = {8192, 4096, 32, 32}, moe[4] = {256, 512, 512, 1}, odd[3] = {7, 1, 300};
     const int64_t toks[] = {1, 3, 8, 9};
     for (size_t k = 0; k < sizeof toks / sizeof toks[0]; k++) {
-        rng_seed(3500 + k);
+        th_rng_seed(3500 + k);
         matmul_multi_case(q4, dn, 4, 2048, toks[k]);
         matmul_multi_case(q8, moe, 4, 2048, toks[k]);
         matmul_multi_case(q4, odd, 3, 64, toks[k]);
@@ -403,12 +360,12 @@ Test(cuda, embed) {
     static const struct { int64_t rows, cols; } shapes[] = {{512, 64}, {4096, 2048}};
     for (size_t ti = 0; ti < 4; ti++)
         for (size_t si = 0; si < 2; si++) {
-            rng_seed(5000 + ti * 10 + si);
+            th_rng_seed(5000 + ti * 10 + si);
             mf_qtype t = all_types[ti];
             int64_t rows = shapes[si].rows, cols = shapes[si].cols, nt = 13;
             void *hw = make_weights(t, rows, cols);
             int32_t ids[13];
-            for (int i = 0; i < nt; i++) ids[i] = (int32_t)(rng_next() % (uint64_t)rows);
+            for (int i = 0; i < nt; i++) ids[i] = (int32_t)(th_rng_next() % (uint64_t)rows);
             ids[3] = ids[1]; /* a repeat */
             ids[4] = 0;
             ids[5] = (int32_t)rows - 1;
@@ -440,7 +397,7 @@ Test(cuda, rmsnorm) {
     for (size_t ci = 0; ci < sizeof cases / sizeof cases[0]; ci++)
         for (int weighted = 0; weighted < 2; weighted++)
             for (int inplace = 0; inplace < 2; inplace++) {
-                rng_seed(6000 + ci * 4 + (uint64_t)weighted * 2 + (uint64_t)inplace);
+                th_rng_seed(6000 + ci * 4 + (uint64_t)weighted * 2 + (uint64_t)inplace);
                 int64_t rows = cases[ci].rows, dim = cases[ci].dim, n = rows * dim;
                 float *x = hnormal(n, 0.3, 2.0), *w = hnormal(dim, 1.0, 0.5), *ref = malloc(sizeof(float) * (size_t)n);
                 cpu->ops->rmsnorm(cpu, x, weighted ? w : NULL, rows, dim, 1e-6f, ref);
@@ -469,10 +426,10 @@ Test(cuda, rmsnorm) {
 Test(cuda, add_rmsnorm) {
     static const struct { int64_t rows, dim; } cases[] = {{1, 2048}, {5, 2048}, {64, 4096}, {3, 64}};
     for (size_t ci = 0; ci < sizeof cases / sizeof cases[0]; ci++) {
-        rng_seed(6500 + ci);
+        th_rng_seed(6500 + ci);
         int64_t rows = cases[ci].rows, dim = cases[ci].dim, n = rows * dim;
         float *x = hnormal(n, 0.3, 2.0), *a = hnormal(n, 0.0, 1.0), *w = hnormal(dim, 1.0, 0.5);
-        float *rx = hcopy(x, n), *ref = malloc(sizeof(float) * (size_t)n);
+        float *rx = th_buf_copy(x, n), *ref = malloc(sizeof(float) * (size_t)n);
         cpu->ops->add_rmsnorm(cpu, rx, a, w, rows, dim, 1e-6f, ref);
         float *dx = dev_floats(x, n), *da = dev_floats(a, n), *dw = dev_floats(w, dim), *dy = dev_floats(NULL, n);
         gpu->ops->add_rmsnorm(gpu, dx, da, dw, rows, dim, 1e-6f, dy);
@@ -486,37 +443,29 @@ Test(cuda, add_rmsnorm) {
     }
 }
 
-Test(cuda, l2norm_and_gated_norm) {
+Test(cuda, gated_norm) {
     static const struct { int64_t rows; int dim; } cases[] = {{2, 32}, {24, 32}, {16, 128}, {64 * 32, 128}};
     for (size_t ci = 0; ci < sizeof cases / sizeof cases[0]; ci++) {
-        rng_seed(7000 + ci);
+        th_rng_seed(7000 + ci);
         int64_t rows = cases[ci].rows, n = rows * cases[ci].dim;
         int dim = cases[ci].dim;
         float *x = hnormal(n, 0.1, 1.5), *z = hnormal(n, 0.0, 2.0), *w = hnormal(dim, 1.0, 0.1);
-        float *r1 = hcopy(x, n), *r2 = hcopy(x, n);
-        cpu->ops->l2norm(cpu, r1, rows, dim, 1e-6f, 1.0f / sqrtf((float)dim));
-        cpu->ops->gated_norm(cpu, r2, w, z, rows, dim, 1e-6f);
-        float *d1 = dev_floats(x, n), *d2 = dev_floats(x, n), *dz = dev_floats(z, n), *dw = dev_floats(w, dim);
-        gpu->ops->l2norm(gpu, d1, rows, dim, 1e-6f, 1.0f / sqrtf((float)dim));
-        gpu->ops->gated_norm(gpu, d2, dw, dz, rows, dim, 1e-6f);
+        float *ref = th_buf_copy(x, n);
+        cpu->ops->gated_norm(cpu, ref, w, z, rows, dim, 1e-6f);
+        float *dx = dev_floats(x, n), *dz = dev_floats(z, n), *dw = dev_floats(w, dim);
+        gpu->ops->gated_norm(gpu, dx, dw, dz, rows, dim, 1e-6f);
         char what[96];
-        snprintf(what, sizeof what, "l2norm %lldx%d", (long long)rows, dim);
-        float *g1 = dev_fetch(d1, n, what);
-        check_close(g1, r1, n, TOL_EW, what);
         snprintf(what, sizeof what, "gated_norm %lldx%d", (long long)rows, dim);
-        float *g2 = dev_fetch(d2, n, what);
-        check_close(g2, r2, n, TOL_EW, what);
-        dev_free(d1);
-        dev_free(d2);
+        float *got = dev_fetch(dx, n, what);
+        check_close(got, ref, n, TOL_EW, what);
+        dev_free(dx);
         dev_free(dz);
         dev_free(dw);
         free(x);
         free(z);
         free(w);
-        free(r1);
-        free(r2);
-        free(g1);
-        free(g2);
+        free(ref);
+        free(got);
     }
 }
 
@@ -536,11 +485,11 @@ Test(cuda, rope) {
         {5, 64, 128, 128, 1e6, 65530},
     };
     for (size_t ci = 0; ci < sizeof cases / sizeof cases[0]; ci++) {
-        rng_seed(8000 + ci);
+        th_rng_seed(8000 + ci);
         int64_t nt = cases[ci].n_tok, n = nt * cases[ci].heads * cases[ci].hd;
         int32_t pos[64];
         for (int64_t t = 0; t < nt; t++) pos[t] = cases[ci].pos0 + (int32_t)t;
-        float *x = hnormal(n, 0.0, 1.0), *ref = hcopy(x, n);
+        float *x = hnormal(n, 0.0, 1.0), *ref = th_buf_copy(x, n);
         cpu->ops->rope(cpu, ref, nt, cases[ci].heads, cases[ci].hd, cases[ci].rot, pos, cases[ci].theta);
         float *dx = dev_floats(x, n);
         int32_t *dpos = dev_bytes(pos, sizeof(int32_t) * (size_t)nt);
@@ -621,7 +570,7 @@ Test(cuda, attention) {
     };
     double worst = 0;
     for (size_t ci = 0; ci < sizeof cases / sizeof cases[0]; ci++) {
-        rng_seed(9000 + ci);
+        th_rng_seed(9000 + ci);
         double e = attention_case(cases[ci].nh, cases[ci].nkv, cases[ci].hd, cases[ci].pos0, cases[ci].nt,
                                   cases[ci].bound, cases[ci].reserved);
         if (e > worst) worst = e;
@@ -640,8 +589,8 @@ static void attention_prep_case(int nh, int nkv, int hd, int rot, int64_t nt, in
     int32_t pos[5];
     for (int64_t t = 0; t < nt; t++) pos[t] = (int32_t)((t * 97 + 11) % ctx);
     /* CPU: q in place in a copy of the source when not gated */
-    float *rq = gated ? malloc(sizeof(float) * (size_t)nq) : hcopy(qsrc, nq), *rg = malloc(sizeof(float) * (size_t)nq);
-    float *rkc = hcopy(kc, ctx * kvw), *rvc = hcopy(vc, ctx * kvw);
+    float *rq = gated ? th_buf_alloc(nq) : th_buf_copy(qsrc, nq), *rg = th_buf_alloc(nq);
+    float *rkc = th_buf_copy(kc, ctx * kvw), *rvc = th_buf_copy(vc, ctx * kvw);
     mf_attn_prep p = {nt, nh, nkv, hd, rot, 1e-6f, 1e6, gated ? qsrc : rq, qs, rq, gated ? rg : NULL, k, v,
                       normed ? qn : NULL, normed ? kn : NULL, pos, rkc, rvc};
     cpu->ops->attention_prep(cpu, &p);
@@ -672,7 +621,7 @@ static void attention_prep_case(int nh, int nkv, int hd, int rot, int64_t nt, in
 }
 
 Test(cuda, attention_prep) {
-    rng_seed(8800);
+    th_rng_seed(8800);
     attention_prep_case(16, 2, 256, 64, 1, 1, 1); /* Qwen3.5/3.6: gated, partial rotary */
     attention_prep_case(16, 2, 256, 64, 5, 1, 1);
     attention_prep_case(32, 4, 128, 128, 1, 0, 1); /* Qwen3-MoE */
@@ -686,12 +635,12 @@ Test(cuda, conv1d_silu) {
     static const struct { int64_t C, nt; int K; } cases[] = {{256, 12, 4}, {256, 1, 4}, {8192, 1, 4}, {8192, 64, 4},
                                                           {100, 5, 2}, {64, 3, 1}};
     for (size_t ci = 0; ci < sizeof cases / sizeof cases[0]; ci++) {
-        rng_seed(10000 + ci);
+        th_rng_seed(10000 + ci);
         int64_t C = cases[ci].C, nt = cases[ci].nt, n = nt * C;
         int K = cases[ci].K;
         int64_t ns = (int64_t)(K - 1) * C;
         float *x = hnormal(n, 0.0, 1.0), *w = hnormal(C * K, 0.0, 0.5), *st = hnormal(ns, 0.0, 1.0);
-        float *sref = hcopy(st, ns), *ref = malloc(sizeof(float) * (size_t)n);
+        float *sref = th_buf_copy(st, ns), *ref = malloc(sizeof(float) * (size_t)n);
         cpu->ops->conv1d_silu(cpu, x, sref, w, nt, C, K, ref);
         float *dx = dev_floats(x, n), *dw = dev_floats(w, C * K), *ds = dev_floats(st, ns), *dout = dev_floats(NULL, n);
         /* two calls of half the tokens each must equal one call (the state carries) */
@@ -730,21 +679,21 @@ static void l2rows(float *x, int64_t rows, int dim, float scale) {
     }
 }
 
-/* deltanet_step: raw q/k and gate inputs, normalised and gated inside the recurrence; against
- * the CPU op (l2norm, dn_gates, deltanet). */
+/* deltanet_step: raw q/k and gate inputs (a past softplus's threshold too), normalised and gated
+ * inside the recurrence; against the CPU op (its L2 norm, gates and deltanet). */
 Test(cuda, deltanet_step) {
     static const struct { int Hk, Hv, dk, dv; int64_t nt; } cases[] = {
         {2, 4, 32, 32, 1}, {2, 4, 32, 32, 12}, {16, 32, 128, 128, 1}, {16, 32, 128, 128, 5}, {1, 2, 64, 96, 3}};
     backends_new(64, 64, 128, 8);
     for (size_t ci = 0; ci < sizeof cases / sizeof cases[0]; ci++) {
-        rng_seed(11500 + ci);
+        th_rng_seed(11500 + ci);
         int Hk = cases[ci].Hk, Hv = cases[ci].Hv, dk = cases[ci].dk, dv = cases[ci].dv;
         int64_t nt = cases[ci].nt, nqk = nt * Hk * dk, nv = nt * Hv * dv, ng = nt * Hv, nS = (int64_t)Hv * dk * dv;
         float *q = hnormal(nqk, 0.0, 2.0), *k = hnormal(nqk, 0.0, 2.0), *v = hnormal(nv, 0.0, 1.0);
         float *a = hnormal(ng, 0.0, 3.0), *bb = hnormal(ng, 0.0, 2.0), *alog = hnormal(Hv, -1.0, 1.0);
-        float *dtb = hnormal(Hv, 0.0, 1.0), *S = hnormal(nS, 0.0, 0.3), *Sref = hcopy(S, nS);
+        float *dtb = hnormal(Hv, 0.0, 1.0), *S = hnormal(nS, 0.0, 0.3), *Sref = th_buf_copy(S, nS);
         a[0] = 30.0f; /* past softplus's threshold */
-        float *rq = hcopy(q, nqk), *rk = hcopy(k, nqk), *rg = malloc(sizeof(float) * (size_t)ng);
+        float *rq = th_buf_copy(q, nqk), *rk = th_buf_copy(k, nqk), *rg = malloc(sizeof(float) * (size_t)ng);
         float *rb = malloc(sizeof(float) * (size_t)ng), *ref = malloc(sizeof(float) * (size_t)nv);
         const float qs = 1.0f / sqrtf((float)dk);
         mf_deltanet_step c = {nt, Hk, Hv, dk, dv, qs, rq, rk, v, a, bb, alog, dtb, rg, rb, Sref, ref};
@@ -773,7 +722,7 @@ Test(cuda, deltanet) {
     backends_new(64, 64, 128, 8);
     double worst = 0;
     for (size_t ci = 0; ci < sizeof cases / sizeof cases[0]; ci++) {
-        rng_seed(11000 + ci);
+        th_rng_seed(11000 + ci);
         int Hk = cases[ci].Hk, Hv = cases[ci].Hv, dk = cases[ci].dk, dv = cases[ci].dv;
         int64_t nt = cases[ci].nt, nqk = nt * Hk * dk, nv = nt * Hv * dv, ng = nt * Hv, nS = (int64_t)Hv * dk * dv;
         float *q = hnormal(nqk, 0.0, 1.0), *k = hnormal(nqk, 0.0, 1.0), *v = hnormal(nv, 0.0, 1.0);
@@ -781,10 +730,10 @@ Test(cuda, deltanet) {
         l2rows(k, nt * Hk, dk, 1.0f);
         float *g = malloc(sizeof(float) * (size_t)ng), *beta = malloc(sizeof(float) * (size_t)ng);
         for (int64_t i = 0; i < ng; i++) {
-            g[i] = (float)(-0.5 * rng_unif() - 0.01);
-            beta[i] = (float)rng_unif();
+            g[i] = (float)(-0.5 * th_rng_unif() - 0.01);
+            beta[i] = (float)th_rng_unif();
         }
-        float *S = hnormal(nS, 0.0, 0.3), *Sref = hcopy(S, nS), *ref = malloc(sizeof(float) * (size_t)nv);
+        float *S = hnormal(nS, 0.0, 0.3), *Sref = th_buf_copy(S, nS), *ref = malloc(sizeof(float) * (size_t)nv);
         cpu->ops->deltanet(cpu, q, k, v, g, beta, Sref, nt, Hk, Hv, dk, dv, ref);
         float *dq = dev_floats(q, nqk), *dk_ = dev_floats(k, nqk), *dv_ = dev_floats(v, nv), *dg = dev_floats(g, ng);
         float *db = dev_floats(beta, ng), *dS = dev_floats(S, nS), *dout = dev_floats(NULL, nv);
@@ -811,12 +760,12 @@ Test(cuda, router_topk) {
         {128, 8, 1, 20, 1}, {512, 10, 1, 7, 1}};
     backends_new(64, 64, 1, 512);
     for (size_t ci = 0; ci < sizeof cases / sizeof cases[0]; ci++) {
-        rng_seed(12000 + ci);
+        th_rng_seed(12000 + ci);
         int E = cases[ci].E, K = cases[ci].K;
         int64_t nt = cases[ci].nt, n = nt * E;
         float *lg = hnormal(n, 0.0, 2.0);
         if (cases[ci].ties) /* few distinct values: ties go to the lower id */
-            for (int64_t i = 0; i < n; i++) lg[i] = (float)(rng_next() % 5);
+            for (int64_t i = 0; i < n; i++) lg[i] = (float)(th_rng_next() % 5);
         int32_t *rid = malloc(sizeof(int32_t) * (size_t)(nt * K)), *gid = malloc(sizeof(int32_t) * (size_t)(nt * K));
         float *rw = malloc(sizeof(float) * (size_t)(nt * K));
         cpu->ops->router_topk(cpu, lg, nt, E, K, cases[ci].norm, rid, rw);
@@ -848,12 +797,12 @@ Test(cuda, router_topk) {
 Test(cuda, elementwise) {
     static const int64_t sizes[] = {1, 64, 1000, 4096 * 3, 1 << 20};
     for (size_t si = 0; si < sizeof sizes / sizeof sizes[0]; si++) {
-        rng_seed(13000 + si);
+        th_rng_seed(13000 + si);
         int64_t n = sizes[si];
         float *a = hnormal(n, 0.0, 3.0), *b = hnormal(n, 0.0, 3.0);
         char what[64];
         for (int op = 0; op < 3; op++) {
-            float *ref = hcopy(a, n);
+            float *ref = th_buf_copy(a, n);
             float *da = dev_floats(a, n), *db = dev_floats(b, n);
             if (op == 0) cpu->ops->add(cpu, ref, b, n), gpu->ops->add(gpu, da, db, n);
             if (op == 1) cpu->ops->mul_sigmoid(cpu, ref, b, n), gpu->ops->mul_sigmoid(gpu, da, db, n);
@@ -869,41 +818,29 @@ Test(cuda, elementwise) {
         free(a);
         free(b);
     }
-    /* dn_gates [n_tok][Hv] (softplus past its threshold too), add_gated [n_tok][cols] */
-    static const struct { int64_t nt; int Hv; } gc[] = {{12, 4}, {1, 32}, {64, 64}};
+    /* add_gated [n_tok][cols] */
+    static const int64_t gated_tok[] = {12, 1, 64};
     for (size_t ci = 0; ci < 3; ci++) {
-        rng_seed(13100 + ci);
-        int64_t nt = gc[ci].nt, n = nt * gc[ci].Hv;
-        int Hv = gc[ci].Hv;
-        float *a = hnormal(n, 0.0, 8.0), *bb = hnormal(n, 0.0, 3.0), *al = hnormal(Hv, 0.5, 1.0), *dt = hnormal(Hv, 0.0, 0.3);
-        a[0] = 25.0f;
-        float *rg = malloc(sizeof(float) * (size_t)n), *rb = malloc(sizeof(float) * (size_t)n);
-        cpu->ops->dn_gates(cpu, a, bb, al, dt, nt, Hv, rg, rb);
-        float *da = dev_floats(a, n), *dbb = dev_floats(bb, n), *dal = dev_floats(al, Hv), *ddt = dev_floats(dt, Hv);
-        float *dg = dev_floats(NULL, n), *dbeta = dev_floats(NULL, n);
-        gpu->ops->dn_gates(gpu, da, dbb, dal, ddt, nt, Hv, dg, dbeta);
-        float *gg = dev_fetch(dg, n, "dn_gates g"), *gb = dev_fetch(dbeta, n, "dn_gates beta");
-        check_close(gg, rg, n, TOL_EW, "dn_gates g");
-        check_close(gb, rb, n, TOL_EW, "dn_gates beta");
-        int64_t cols = 64 * (int64_t)(ci + 1) * 16;
+        th_rng_seed(13100 + ci);
+        int64_t nt = gated_tok[ci], cols = 64 * (int64_t)(ci + 1) * 16;
         float *y = hnormal(nt * cols, 0.0, 1.0), *x = hnormal(nt * cols, 0.0, 1.0), *gate = hnormal(nt, 0.0, 2.0);
-        float *ry = hcopy(y, nt * cols);
+        float *ry = th_buf_copy(y, nt * cols);
         cpu->ops->add_gated(cpu, ry, x, gate, nt, cols);
         float *dy = dev_floats(y, nt * cols), *dx = dev_floats(x, nt * cols), *dgate = dev_floats(gate, nt);
         gpu->ops->add_gated(gpu, dy, dx, dgate, nt, cols);
         float *gy = dev_fetch(dy, nt * cols, "add_gated");
         check_close(gy, ry, nt * cols, TOL_EW, "add_gated");
-        void *df[] = {da, dbb, dal, ddt, dg, dbeta, dy, dx, dgate};
-        for (int i = 0; i < 9; i++) dev_free(df[i]);
-        void *hf[] = {a, bb, al, dt, rg, rb, gg, gb, y, x, gate, ry, gy};
-        for (int i = 0; i < 13; i++) free(hf[i]);
+        void *df[] = {dy, dx, dgate};
+        for (int i = 0; i < 3; i++) dev_free(df[i]);
+        void *hf[] = {y, x, gate, ry, gy};
+        for (int i = 0; i < 5; i++) free(hf[i]);
     }
 }
 
 /* ---- row movement ---- */
 
 Test(cuda, rows) {
-    rng_seed(14000);
+    th_rng_seed(14000);
     /* copy_rows: the q / gate split of a gated q_proj output [n][heads][2 hd] */
     int64_t nt = 7, heads = 32, hd = 256, rows = nt * heads, n = rows * 2 * hd;
     float *src = hnormal(n, 0.0, 1.0), *ref = malloc(sizeof(float) * (size_t)(rows * hd));
@@ -922,9 +859,9 @@ Test(cuda, rows) {
     float tw[23];
     for (int i = 0; i < cnt; i++) {
         idx[i] = (int32_t)((i * 37 + 5) % T); /* unique: 37 is coprime with 64 */
-        tw[i] = (float)rng_unif();
+        tw[i] = (float)th_rng_unif();
     }
-    float *rg = malloc(sizeof(float) * (size_t)(cnt * H)), *ry = hcopy(y, T * H);
+    float *rg = malloc(sizeof(float) * (size_t)(cnt * H)), *ry = th_buf_copy(y, T * H);
     cpu->ops->gather_rows(cpu, rg, h, idx, cnt, H);
     cpu->ops->scatter_add(cpu, ry, eo, idx, tw, cnt, H);
     float *dh = dev_floats(h, T * H), *dy = dev_floats(y, T * H), *deo = dev_floats(eo, cnt * H);
@@ -941,19 +878,9 @@ Test(cuda, rows) {
     for (int i = 0; i < 8; i++) free(hf[i]);
 }
 
-/* scatter_rows (KV cache writes at device positions) and argmax (the greedy choice) */
-Test(cuda, scatter_rows_argmax) {
-    rng_seed(14500);
-    int64_t ctx = 300, cols = 512, n = 5;
-    int32_t idx[5] = {299, 0, 17, 18, 150};
-    float *cache = hnormal(ctx * cols, 0.0, 1.0), *src = hnormal(n * cols, 0.0, 1.0), *ref = hcopy(cache, ctx * cols);
-    cpu->ops->scatter_rows(cpu, ref, src, idx, n, cols);
-    float *dc = dev_floats(cache, ctx * cols), *ds = dev_floats(src, n * cols);
-    int32_t *didx = dev_bytes(idx, sizeof idx);
-    gpu->ops->scatter_rows(gpu, dc, ds, didx, n, cols);
-    float *got = dev_fetch(dc, ctx * cols, "scatter_rows");
-    check_close(got, ref, ctx * cols, 0.0, "scatter_rows");
-    /* argmax over vocabulary-sized rows: a random row, ties, NaNs, all equal */
+/* argmax (the greedy choice) over vocabulary-sized rows: a random row, ties, NaNs, all equal */
+Test(cuda, argmax) {
+    th_rng_seed(14500);
     int64_t V = 248320, R = 4;
     float *x = hnormal(R * V, 0.0, 3.0);
     x[V + 70000] = x[V + 200000] = x[V + 70001] = 100.0f;
@@ -988,10 +915,9 @@ Test(cuda, scatter_rows_argmax) {
         cr_assert_eq(one, want[1], "replayed argmax: gpu %d, cpu %d", one, want[1]);
     }
     gpu->ops->graph_free(gpu, g);
-    void *df[] = {dc, ds, didx, dx, dout};
-    for (int i = 0; i < 5; i++) dev_free(df[i]);
-    void *hf[] = {cache, src, ref, got, x};
-    for (int i = 0; i < 5; i++) free(hf[i]);
+    dev_free(dx);
+    dev_free(dout);
+    free(x);
 }
 
 /* A recorded op sequence replays with what its device inputs hold at replay time: a rope and
@@ -1001,7 +927,7 @@ Test(cuda, graph_replay) {
     int nh = 8, nkv = 2, hd = 128, rot = 64;
     int64_t ctx = 512, nq = nh * hd, ncache = ctx * nkv * hd;
     backends_new(ctx, 1, 1, 1);
-    rng_seed(14600);
+    th_rng_seed(14600);
     float *q = hnormal(nq, 0.0, 1.0), *kc = hnormal(ncache, 0.0, 1.0), *vc = hnormal(ncache, 0.0, 1.0);
     float *dq = dev_floats(q, nq), *dqr = dev_floats(NULL, nq), *dk = dev_floats(kc, ncache),
           *dv = dev_floats(vc, ncache), *dout = dev_floats(NULL, nq);
@@ -1037,9 +963,9 @@ Test(cuda, graph_replay) {
  * join, live and replayed from a recorded graph. */
 Test(cuda, branch) {
     cr_assert(gpu->ops->branch_begin && gpu->ops->branch_end && gpu->ops->branch_join);
-    rng_seed(14700);
+    th_rng_seed(14700);
     int64_t n = 1 << 20;
-    float *a = hnormal(n, 0.0, 1.0), *b = hnormal(n, 0.0, 1.0), *ref = hcopy(a, n);
+    float *a = hnormal(n, 0.0, 1.0), *b = hnormal(n, 0.0, 1.0), *ref = th_buf_copy(a, n);
     for (int64_t i = 0; i < n; i++) ref[i] = 2 * a[i] + b[i]; /* a + a on the side, + b on the main branch */
     for (int graph = 0; graph < 2; graph++) {
         float *da = dev_floats(a, n), *db = dev_floats(b, n), *side = dev_floats(a, n), *out = dev_floats(a, n);
@@ -1095,10 +1021,7 @@ Test(cuda, sticky_error) {
 
 /* ---- moe_experts: a layer's routed experts ---- */
 
-static uint64_t align_up(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
-
-/* E expert blobs in host memory as docs/format.md lays them out (gate [I][H], up [I][H],
- * down [H][I], parts at 64-aligned offsets, a 4096-multiple stride), random weights. */
+/* E expert blobs in host memory as th_expert_layout lays them out, random weights. */
 typedef struct moe_host {
     mf_expert_layout lay;
     unsigned char *mem;
@@ -1108,15 +1031,8 @@ typedef struct moe_host {
 
 static void moe_host_make(moe_host *mh, const mf_qtype types[3], int E, int64_t H, int64_t I) {
     const int64_t rows[3] = {I, I, H}, cols[3] = {H, H, I};
-    uint64_t at = 0;
     mh->E = E;
-    mh->lay.inter = I, mh->lay.hidden = H;
-    for (int p = 0; p < 3; p++) {
-        mh->lay.type[p] = types[p];
-        mh->lay.offset[p] = at = align_up(at, 64);
-        at += quant_tensor_bytes(types[p], rows[p], cols[p]);
-    }
-    mh->stride = align_up(at, 4096);
+    mh->stride = th_expert_layout(&mh->lay, types, H, I);
     mh->mem = aligned_alloc(4096, mh->stride * (uint64_t)E);
     cr_assert(mh->mem, "out of memory for %d experts", E);
     memset(mh->mem, 0x7f, mh->stride * (uint64_t)E); /* padding: NaN-ish bytes, never read */
@@ -1127,24 +1043,6 @@ static void moe_host_make(moe_host *mh, const mf_qtype types[3], int E, int64_t 
                    quant_tensor_bytes(types[p], rows[p], cols[p]));
             free(part);
         }
-}
-
-/* Random routes: K distinct experts per token, positive weights summing to 1. */
-static void moe_routes(int E, int K, int64_t nt, int32_t *ids, float *w) {
-    for (int64_t t = 0; t < nt; t++) {
-        float ws = 0;
-        for (int j = 0; j < K; j++) {
-            int e, dup;
-            do {
-                e = (int)(rng_next() % (uint64_t)E);
-                dup = 0;
-                for (int k = 0; k < j; k++) dup |= ids[t * K + k] == e;
-            } while (dup);
-            ids[t * K + j] = e;
-            ws += w[t * K + j] = (float)(0.1 + rng_unif());
-        }
-        for (int j = 0; j < K; j++) w[t * K + j] /= ws;
-    }
 }
 
 /* The CUDA op against the CPU op (ref) for each token count; the blobs go up from host_alloc
@@ -1184,7 +1082,7 @@ static double moe_case(mf_backend *ref, const mf_qtype types[3], int E, int K, i
         int32_t *ids = malloc(sizeof(int32_t) * (size_t)(nt * K));
         float *yref = malloc(sizeof(float) * (size_t)(nt * H));
         cr_assert(w && ids && yref);
-        moe_routes(E, K, nt, ids, w);
+        th_moe_routes(E, K, nt, ids, w);
         ref->ops->moe_experts(ref, x, ids, w, nt, K, table, &mh.lay, yref);
         float *dx = dev_floats(x, nt * H), *dw = dev_floats(w, nt * K), *dy = dev_floats(NULL, nt * H);
         int32_t *dids = dev_bytes(ids, sizeof(int32_t) * (size_t)(nt * K));
@@ -1228,7 +1126,7 @@ Test(cuda, moe_experts_fixture_dims) {
     static const int64_t ntoks[] = {1, 3, 12, 64};
     double worst = 0;
     for (size_t ti = 0; ti < sizeof typesets / sizeof typesets[0]; ti++) {
-        rng_seed(15000 + ti);
+        th_rng_seed(15000 + ti);
         worst = fmax(worst, moe_case(cpu, typesets[ti], 8, 2, 64, 64, ntoks, 4, (int)(ti & 1)));
         worst = fmax(worst, moe_case(cpu, typesets[ti], 16, 4, 192, 128, ntoks, 3, (int)(~ti & 1)));
     }
@@ -1244,13 +1142,13 @@ Test(cuda, moe_experts_real_dims) {
     static const int64_t ntoks[] = {1, 64};
     static const mf_qtype q4[3] = {MF_QTYPE_Q4, MF_QTYPE_Q4, MF_QTYPE_Q4}, q8[3] = {MF_QTYPE_Q8, MF_QTYPE_Q8, MF_QTYPE_Q8};
     double worst = 0;
-    rng_seed(16000);
+    th_rng_seed(16000);
     worst = fmax(worst, moe_case(fast, q4, 64, 8, 2048, 512, ntoks, 2, 1));
-    rng_seed(16001);
+    th_rng_seed(16001);
     worst = fmax(worst, moe_case(fast, q8, 32, 8, 2048, 512, ntoks, 2, 0));
-    rng_seed(16002);
+    th_rng_seed(16002);
     worst = fmax(worst, moe_case(fast, q4, 24, 10, 4096, 1024, ntoks, 2, 0));
-    rng_seed(16003);
+    th_rng_seed(16003);
     worst = fmax(worst, moe_case(fast, q4, 12, 10, 4096, 1024, ntoks, 1, 1));
     fast->ops->destroy(fast);
     cr_log_info("moe_experts real dims: worst relative error %.3g", worst);

@@ -460,8 +460,8 @@ static void cpu_swiglu(mf_backend *b, float *g, const float *u, int64_t n) {
     for (int64_t i = 0; i < n; i++) g[i] = silu(g[i]) * u[i];
 }
 
-static void cpu_l2norm(mf_backend *b, float *x, int64_t rows, int dim, float eps, float scale) {
-    (void)b;
+/* deltanet_step's parts. Each row of x [rows][dim]: x * scale / sqrt(sum(x^2) + eps). */
+static void cpu_l2norm(float *x, int64_t rows, int dim, float eps, float scale) {
     for (int64_t r = 0; r < rows; r++) {
         float *v = x + r * dim;
         double ss = 0;
@@ -471,9 +471,9 @@ static void cpu_l2norm(mf_backend *b, float *x, int64_t rows, int dim, float eps
     }
 }
 
-static void cpu_dn_gates(mf_backend *b, const float *a, const float *bb, const float *A_log, const float *dt_bias,
-                         int64_t n_tok, int Hv, float *g, float *beta) {
-    (void)b;
+/* Gated DeltaNet gates for [n_tok][Hv]: beta = sigmoid(bb); g = -exp(A_log[h]) * softplus(a + dt_bias[h]). */
+static void cpu_dn_gates(const float *a, const float *bb, const float *A_log, const float *dt_bias, int64_t n_tok,
+                         int Hv, float *g, float *beta) {
     for (int64_t t = 0; t < n_tok; t++)
         for (int h = 0; h < Hv; h++) {
             int64_t i = t * Hv + h;
@@ -483,9 +483,9 @@ static void cpu_dn_gates(mf_backend *b, const float *a, const float *bb, const f
 }
 
 static void cpu_op_deltanet_step(mf_backend *b, const mf_deltanet_step *p) {
-    cpu_l2norm(b, p->q, p->n_tok * p->Hk, p->dk, 1e-6f, p->q_scale);
-    cpu_l2norm(b, p->k, p->n_tok * p->Hk, p->dk, 1e-6f, 1.0f);
-    cpu_dn_gates(b, p->a, p->bb, p->A_log, p->dt_bias, p->n_tok, p->Hv, p->g, p->beta);
+    cpu_l2norm(p->q, p->n_tok * p->Hk, p->dk, 1e-6f, p->q_scale);
+    cpu_l2norm(p->k, p->n_tok * p->Hk, p->dk, 1e-6f, 1.0f);
+    cpu_dn_gates(p->a, p->bb, p->A_log, p->dt_bias, p->n_tok, p->Hv, p->g, p->beta);
     cpu_op_deltanet(b, p->q, p->k, p->v, p->g, p->beta, p->S, p->n_tok, p->Hk, p->Hv, p->dk, p->dv, p->out);
 }
 
@@ -531,12 +531,6 @@ static void cpu_gather_rows(mf_backend *b, float *dst, const float *src, const i
                             int64_t cols) {
     (void)b;
     for (int64_t i = 0; i < n; i++) memcpy(dst + i * cols, src + (int64_t)idx[i] * cols, sizeof(float) * (size_t)cols);
-}
-
-static void cpu_scatter_rows(mf_backend *b, float *dst, const float *src, const int32_t *idx, int64_t n,
-                             int64_t cols) {
-    (void)b;
-    for (int64_t i = 0; i < n; i++) memcpy(dst + (int64_t)idx[i] * cols, src + i * cols, sizeof(float) * (size_t)cols);
 }
 
 static void cpu_argmax(mf_backend *b, const float *x, int64_t rows, int64_t cols, int32_t *out) {
@@ -707,13 +701,10 @@ static const mf_backend_ops cpu_ops = {
     .copy_rows = cpu_copy_rows,
     .mul_sigmoid = cpu_mul_sigmoid,
     .swiglu = cpu_swiglu,
-    .l2norm = cpu_l2norm,
-    .dn_gates = cpu_dn_gates,
     .deltanet_step = cpu_op_deltanet_step,
     .gated_norm = cpu_gated_norm,
     .router_topk = cpu_router_topk,
     .gather_rows = cpu_gather_rows,
-    .scatter_rows = cpu_scatter_rows,
     .argmax = cpu_argmax,
     .scatter_add = cpu_scatter_add,
     .add_gated = cpu_add_gated,

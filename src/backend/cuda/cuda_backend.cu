@@ -40,6 +40,7 @@ static void cb_destroy(mf_backend *b) {
     if (c->side_stream) cudaStreamSynchronize(c->side_stream);
     if (c->copy_stream) cudaStreamSynchronize(c->copy_stream);
     cudaFree(c->scratch);
+    cuda_sample_free(c);
     cudaFree(c->arg_v);
     cudaFree(c->arg_i);
     cudaFree(c->arg_done);
@@ -385,12 +386,9 @@ static const mf_backend_ops cuda_ops = {
     /* .copy_rows = */ cuda_op_copy_rows,
     /* .mul_sigmoid = */ cuda_op_mul_sigmoid,
     /* .swiglu = */ cuda_op_swiglu,
-    /* .l2norm = */ cuda_op_l2norm,
-    /* .dn_gates = */ cuda_op_dn_gates,
     /* .gated_norm = */ cuda_op_gated_norm,
     /* .router_topk = */ cuda_op_router_topk,
     /* .gather_rows = */ cuda_op_gather_rows,
-    /* .scatter_rows = */ cuda_op_scatter_rows,
     /* .argmax = */ cuda_op_argmax,
     /* .scatter_add = */ cuda_op_scatter_add,
     /* .add_gated = */ cuda_op_add_gated,
@@ -407,6 +405,7 @@ static const mf_backend_ops cuda_ops = {
     /* .graph_end = */ cb_graph_end,
     /* .graph_launch = */ cb_graph_launch,
     /* .graph_free = */ cb_graph_free,
+    /* .sample = */ cuda_op_sample,
 };
 
 extern "C" int cuda_backend_available(void) {

@@ -54,8 +54,8 @@ deltanet_kernel(const float *__restrict__ q, const float *__restrict__ k, const 
         }
         float decay, bt;
         if (raw.a) {
-            /* l2norm of the step's q and k as the l2norm op does (every warp sums the staged rows
-             * itself, then the rows are scaled in place) and the gates as dn_gates */
+            /* the step's q and k L2-normalised (every warp sums the staged rows itself, then the
+             * rows are scaled in place) and the gates, as mf_deltanet_step states them */
             const int lane = threadIdx.x & 31;
             float sq = 0.0f, sk = 0.0f;
             for (int i = lane; i < dk; i += 32) {

@@ -1,5 +1,6 @@
-/* cuda_elementwise.cu - the elementwise ops on the GPU: add, x *= sigmoid(gate), SwiGLU, the
- * Gated DeltaNet gates and the gated residual add; grid-stride loops. Not row movement (cuda_rows.cu). */
+/* cuda_elementwise.cu - the elementwise ops on the GPU: add, x *= sigmoid(gate), SwiGLU and the
+ * gated residual add; grid-stride loops. Not row movement (cuda_rows.cu), not the Gated DeltaNet
+ * gates (computed inside deltanet_step, cuda_deltanet.cu). */
 #include "backend/cuda/cuda_internal.cuh"
 
 #define EW_THREADS 256
@@ -20,17 +21,6 @@ __global__ void mul_sigmoid_kernel(float *x, const float *gate, int64_t n) {
 __global__ void swiglu_kernel(float *g, const float *u, int64_t n) {
     cb_pdl_trigger();
     EW_LOOP(i, n) g[i] = cb_silu(g[i]) * u[i];
-}
-/* a, bb, g, beta [n_tok][Hv]; A_log, dt_bias [Hv]. softplus with threshold 20, as torch. */
-__global__ void dn_gates_kernel(const float *a, const float *bb, const float *A_log, const float *dt_bias, int64_t n,
-                                int Hv, float *g, float *beta) {
-    cb_pdl_trigger();
-    EW_LOOP(i, n) {
-        const int h = (int)(i % Hv);
-        const float sp = a[i] + dt_bias[h];
-        beta[i] = cb_sigmoid(bb[i]);
-        g[i] = -expf(A_log[h]) * (sp > 20.0f ? sp : log1pf(expf(sp)));
-    }
 }
 /* y, x [n_tok][cols]; gate [n_tok] */
 __global__ void add_gated_kernel(float *y, const float *x, const float *gate, int64_t n, int64_t cols) {
@@ -55,12 +45,6 @@ void cuda_op_mul_sigmoid(mf_backend *b, float *x, const float *gate, int64_t n) 
 
 void cuda_op_swiglu(mf_backend *b, float *g, const float *u, int64_t n) {
     EW_RUN(cb_of(b), "swiglu", n, swiglu_kernel, g, u, n);
-}
-
-void cuda_op_dn_gates(mf_backend *b, const float *a, const float *bb, const float *A_log, const float *dt_bias,
-                      int64_t n_tok, int Hv, float *g, float *beta) {
-    if (Hv <= 0) return;
-    EW_RUN(cb_of(b), "dn_gates", n_tok * Hv, dn_gates_kernel, a, bb, A_log, dt_bias, n_tok * Hv, Hv, g, beta);
 }
 
 void cuda_op_add_gated(mf_backend *b, float *y, const float *x, const float *gate, int64_t n_tok, int64_t cols) {

@@ -54,6 +54,7 @@ typedef struct cuda_backend {
     uint64_t up_issued;                /* last ticket handed out */
     uint64_t up_floor;                 /* every ticket <= up_floor has finished */
     uint64_t up_fenced;                /* last ticket stream waits for */
+    struct cb_sampler *samp;           /* the sample op's device state, made on its first call */
 } cuda_backend;
 
 static inline cuda_backend *cb_of(mf_backend *b) { return (cuda_backend *)b; }
@@ -152,7 +153,6 @@ void cuda_op_rmsnorm(mf_backend *b, const float *x, const float *w, int64_t n_ro
                      float *y);
 void cuda_op_add_rmsnorm(mf_backend *b, float *x, const float *a, const float *w, int64_t n_rows, int64_t dim,
                          float eps, float *y);
-void cuda_op_l2norm(mf_backend *b, float *x, int64_t rows, int dim, float eps, float scale);
 void cuda_op_gated_norm(mf_backend *b, float *o, const float *w, const float *z, int64_t rows, int dim,
                         float eps);
 /* cuda_rope.cu */
@@ -178,18 +178,18 @@ void cuda_op_router_topk(mf_backend *b, const float *logits, int64_t n_tok, int 
 void cuda_op_add(mf_backend *b, float *y, const float *x, int64_t n);
 void cuda_op_mul_sigmoid(mf_backend *b, float *x, const float *gate, int64_t n);
 void cuda_op_swiglu(mf_backend *b, float *g, const float *u, int64_t n);
-void cuda_op_dn_gates(mf_backend *b, const float *a, const float *bb, const float *A_log, const float *dt_bias,
-                      int64_t n_tok, int Hv, float *g, float *beta);
 void cuda_op_add_gated(mf_backend *b, float *y, const float *x, const float *gate, int64_t n_tok, int64_t cols);
 /* cuda_moe.cu */
 void cuda_op_moe_experts(mf_backend *b, const float *x, const int32_t *ids, const float *w, int64_t n_tok, int K,
                          const void *const *blobs, const mf_expert_layout *lay, float *y);
 size_t cuda_moe_act_floats(const mf_backend_limits *lim);
+/* cuda_sample.cu */
+void cuda_op_sample(mf_backend *b, float *logits, int64_t vocab, const mf_sample_args *a, int32_t *out);
+void cuda_sample_free(cuda_backend *c);
 /* cuda_rows.cu */
 void cuda_op_copy_rows(mf_backend *b, float *dst, int64_t dst_stride, const float *src, int64_t src_stride,
                        int64_t rows, int64_t cols);
 void cuda_op_gather_rows(mf_backend *b, float *dst, const float *src, const int32_t *idx, int64_t n, int64_t cols);
-void cuda_op_scatter_rows(mf_backend *b, float *dst, const float *src, const int32_t *idx, int64_t n, int64_t cols);
 void cuda_op_argmax(mf_backend *b, const float *x, int64_t rows, int64_t cols, int32_t *out);
 void cuda_op_scatter_add(mf_backend *b, float *y, const float *src, const int32_t *idx, const float *w, int64_t n,
                          int64_t cols);

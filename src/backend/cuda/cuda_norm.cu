@@ -1,6 +1,6 @@
 /* cuda_norm.cu - row normalizations on the GPU: RMSNorm (optionally weighted, optionally after a
- * residual add), L2 norm with a
- * scale, and the gated RMSNorm of Gated DeltaNet; one block per row. Not RoPE (cuda_rope.cu). */
+ * residual add) and the gated RMSNorm of Gated DeltaNet; one block per row. Not RoPE
+ * (cuda_rope.cu), not the L2 norm of q and k (inside deltanet_step, cuda_deltanet.cu). */
 #include "backend/cuda/cuda_internal.cuh"
 
 static int norm_threads(int64_t dim) {
@@ -11,9 +11,9 @@ static int norm_threads(int64_t dim) {
 
 /* x, y [rows][dim] (y may be x); w [dim] or NULL; z [rows][dim] or NULL (then no gate); a
  * [rows][dim] or NULL: added into x first (x += a, written back).
- * mode 0: y = x / sqrt(mean(x^2) + eps) * w [* silu(z)]; mode 1: y = x * scale / sqrt(sum(x^2) + eps). */
+ * y = x / sqrt(mean(x^2) + eps) * w [* silu(z)]. */
 __global__ void norm_kernel(float *x, const float *__restrict__ a, const float *__restrict__ w,
-                            const float *__restrict__ z, int64_t dim, float eps, float scale, int mode, float *y) {
+                            const float *__restrict__ z, int64_t dim, float eps, float *y) {
     cb_pdl_trigger();
     __shared__ float sh[32];
     float *xr = x + (int64_t)blockIdx.x * dim;
@@ -26,9 +26,7 @@ __global__ void norm_kernel(float *x, const float *__restrict__ a, const float *
         ss = fmaf(v, v, ss);
     }
     ss = cb_block_sum(ss, sh);
-    float inv;
-    if (mode == 0) inv = (float)(1.0 / sqrt((double)ss / (double)dim + (double)eps));
-    else inv = (float)(1.0 / sqrt((double)ss + (double)eps)) * scale;
+    const float inv = (float)(1.0 / sqrt((double)ss / (double)dim + (double)eps));
     const float *zr = z ? z + (int64_t)blockIdx.x * dim : NULL;
     for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) {
         float v = xr[i] * inv;
@@ -43,7 +41,7 @@ __global__ void norm_kernel(float *x, const float *__restrict__ a, const float *
  * every pointer 16-byte aligned. */
 template <int NV>
 __global__ void norm4_kernel(float *x, const float *__restrict__ a, const float *__restrict__ w,
-                             const float *__restrict__ z, int64_t dim4, float eps, float scale, int mode, float *y) {
+                             const float *__restrict__ z, int64_t dim4, float eps, float *y) {
     cb_pdl_trigger();
     __shared__ float sh[32];
     const int64_t row = blockIdx.x;
@@ -65,9 +63,7 @@ __global__ void norm4_kernel(float *x, const float *__restrict__ a, const float 
         }
     }
     ss = cb_block_sum(ss, sh);
-    float inv;
-    if (mode == 0) inv = (float)(1.0 / sqrt((double)ss / (double)(4 * dim4) + (double)eps));
-    else inv = (float)(1.0 / sqrt((double)ss + (double)eps)) * scale;
+    const float inv = (float)(1.0 / sqrt((double)ss / (double)(4 * dim4) + (double)eps));
     float4 *yr = (float4 *)y + row * dim4;
     const float4 *zr = z ? (const float4 *)z + row * dim4 : NULL;
 #pragma unroll
@@ -90,7 +86,7 @@ __global__ void norm4_kernel(float *x, const float *__restrict__ a, const float 
 }
 
 static void norm_launch(mf_backend *b, const char *what, float *x, const float *a, const float *w, const float *z,
-                        int64_t rows, int64_t dim, float eps, float scale, int mode, float *y) {
+                        int64_t rows, int64_t dim, float eps, float *y) {
     cuda_backend *c = cb_of(b);
     if (c->failed || rows <= 0 || dim <= 0) return;
     if (rows > 0x7fffffffLL) {
@@ -104,11 +100,11 @@ static void norm_launch(mf_backend *b, const char *what, float *x, const float *
         int threads = (int)((dim4 + 31) / 32 * 32);
         if (threads > 1024) threads = 1024;
         const int64_t nv = (dim4 + threads - 1) / threads;
-        if (nv == 1) norm4_kernel<1><<<(unsigned)rows, threads, 0, c->stream>>>(x, a, w, z, dim4, eps, scale, mode, y);
-        else if (nv == 2) norm4_kernel<2><<<(unsigned)rows, threads, 0, c->stream>>>(x, a, w, z, dim4, eps, scale, mode, y);
-        else norm4_kernel<4><<<(unsigned)rows, threads, 0, c->stream>>>(x, a, w, z, dim4, eps, scale, mode, y);
+        if (nv == 1) norm4_kernel<1><<<(unsigned)rows, threads, 0, c->stream>>>(x, a, w, z, dim4, eps, y);
+        else if (nv == 2) norm4_kernel<2><<<(unsigned)rows, threads, 0, c->stream>>>(x, a, w, z, dim4, eps, y);
+        else norm4_kernel<4><<<(unsigned)rows, threads, 0, c->stream>>>(x, a, w, z, dim4, eps, y);
     } else {
-        norm_kernel<<<(unsigned)rows, norm_threads(dim), 0, c->stream>>>(x, a, w, z, dim, eps, scale, mode, y);
+        norm_kernel<<<(unsigned)rows, norm_threads(dim), 0, c->stream>>>(x, a, w, z, dim, eps, y);
     }
     CB_LAUNCHED(c, what);
 }
@@ -116,18 +112,14 @@ static void norm_launch(mf_backend *b, const char *what, float *x, const float *
 void cuda_op_rmsnorm(mf_backend *b, const float *x, const float *w, int64_t n_rows, int64_t dim, float eps,
                      float *y) {
     /* x is only read when nothing is added */
-    norm_launch(b, "rmsnorm", (float *)x, NULL, w, NULL, n_rows, dim, eps, 1.0f, 0, y);
+    norm_launch(b, "rmsnorm", (float *)x, NULL, w, NULL, n_rows, dim, eps, y);
 }
 
 void cuda_op_add_rmsnorm(mf_backend *b, float *x, const float *a, const float *w, int64_t n_rows, int64_t dim,
                          float eps, float *y) {
-    norm_launch(b, "add_rmsnorm", x, a, w, NULL, n_rows, dim, eps, 1.0f, 0, y);
-}
-
-void cuda_op_l2norm(mf_backend *b, float *x, int64_t rows, int dim, float eps, float scale) {
-    norm_launch(b, "l2norm", x, NULL, NULL, NULL, rows, dim, eps, scale, 1, x);
+    norm_launch(b, "add_rmsnorm", x, a, w, NULL, n_rows, dim, eps, y);
 }
 
 void cuda_op_gated_norm(mf_backend *b, float *o, const float *w, const float *z, int64_t rows, int dim, float eps) {
-    norm_launch(b, "gated_norm", o, NULL, w, z, rows, dim, eps, 1.0f, 0, o);
+    norm_launch(b, "gated_norm", o, NULL, w, z, rows, dim, eps, o);
 }

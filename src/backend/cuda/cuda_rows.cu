@@ -1,6 +1,6 @@
-/* cuda_rows.cu - row movement on the GPU: strided row copies, gathers and scatters by index (KV
- * cache writes) and the weighted scatter-add of expert outputs (indices unique within a call: no
- * atomics). Not elementwise math. */
+/* cuda_rows.cu - row movement on the GPU: strided row copies, gathers by index and the weighted
+ * scatter-add of expert outputs (indices unique within a call: no atomics). Not elementwise math,
+ * not KV cache writes (attention_prep, cuda_attn_prep.cu). */
 #include "backend/cuda/cuda_internal.cuh"
 
 #define ROWS_THREADS 256
@@ -16,15 +16,6 @@ __global__ void rows_copy_kernel(float *__restrict__ dst, int64_t dst_stride, co
         const int64_t sr = idx ? idx[r] : r;
         dst[r * dst_stride + col] = src[sr * src_stride + col];
     }
-}
-
-/* dst [*][cols] rows idx[i] = src[i]; src [n][cols] */
-__global__ void scatter_rows_kernel(float *__restrict__ dst, const float *__restrict__ src,
-                                    const int32_t *__restrict__ idx, int64_t n, int64_t cols) {
-    cb_pdl_trigger();
-    const int64_t col = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (col >= cols) return;
-    for (int64_t i = blockIdx.y; i < n; i += gridDim.y) dst[(int64_t)idx[i] * cols + col] = src[i * cols + col];
 }
 
 /* y [*][cols] rows idx[i] += w[i] * src[i]; src [n][cols] */
@@ -63,11 +54,4 @@ void cuda_op_scatter_add(mf_backend *b, float *y, const float *src, const int32_
     if (c->failed || n <= 0 || cols <= 0) return;
     scatter_add_kernel<<<rows_grid(n, cols), ROWS_THREADS, 0, c->stream>>>(y, src, idx, w, n, cols);
     CB_LAUNCHED(c, "scatter_add");
-}
-
-void cuda_op_scatter_rows(mf_backend *b, float *dst, const float *src, const int32_t *idx, int64_t n, int64_t cols) {
-    cuda_backend *c = cb_of(b);
-    if (c->failed || n <= 0 || cols <= 0) return;
-    scatter_rows_kernel<<<rows_grid(n, cols), ROWS_THREADS, 0, c->stream>>>(dst, src, idx, n, cols);
-    CB_LAUNCHED(c, "scatter_rows");
 }
