@@ -757,7 +757,7 @@ Test(cuda, deltanet) {
 Test(cuda, router_topk) {
     static const struct { int E, K, norm; int64_t nt; int ties; } cases[] = {
         {8, 2, 1, 12, 0}, {8, 2, 0, 1, 0}, {256, 8, 1, 64, 0}, {512, 10, 1, 1, 0}, {512, 10, 0, 33, 0},
-        {128, 8, 1, 20, 1}, {512, 10, 1, 7, 1}};
+        {128, 8, 1, 20, 1}, {512, 10, 1, 7, 1}, {1024, 8, 1, 5, 0}, {1024, 8, 0, 3, 1}};
     backends_new(64, 64, 1, 512);
     for (size_t ci = 0; ci < sizeof cases / sizeof cases[0]; ci++) {
         th_rng_seed(12000 + ci);

@@ -86,6 +86,20 @@ __device__ __forceinline__ void gemv_load(const cq_mat &m, const int64_t *rr, in
     }
 }
 
+/* acc + a chunk (loaded in wv, A, B) times x's matching EPC values xv (X: their sum). */
+template <int QT>
+__device__ __forceinline__ float gemv_chunk_dot(const float *xv, float X, const uint4 &wv, float A, float B, float acc) {
+    constexpr int EPC = cq_traits<QT>::EPC;
+    float f[EPC], d0 = 0.0f, d1 = 0.0f;
+    cq_vals<QT>(wv, f);
+#pragma unroll
+    for (int j = 0; j < EPC; j += 2) {
+        d0 = fmaf(f[j], xv[j], d0);
+        d1 = fmaf(f[j + 1], xv[j + 1], d1);
+    }
+    return cq_traits<QT>::AFFINE ? fmaf(A, d0 + d1, fmaf(B, X, acc)) : acc + (d0 + d1);
+}
+
 /* acc[i] += row i's chunk ch (loaded in wv, A, B) times x's chunk ch, x one staged vector. */
 template <int QT, int R>
 __device__ __forceinline__ void gemv_dot1(const float4 *xs4, const float *xsum, int64_t ch, const uint4 (&wv)[R],
@@ -100,16 +114,7 @@ __device__ __forceinline__ void gemv_dot1(const float4 *xs4, const float *xsum, 
     }
     const float X = AFF ? xsum[ch] : 0.0f;
 #pragma unroll
-    for (int i = 0; i < R; i++) {
-        float f[EPC], d0 = 0.0f, d1 = 0.0f;
-        cq_vals<QT>(wv[i], f);
-#pragma unroll
-        for (int j = 0; j < EPC; j += 2) {
-            d0 = fmaf(f[j], xv[j], d0);
-            d1 = fmaf(f[j + 1], xv[j + 1], d1);
-        }
-        acc[i] = AFF ? fmaf(A[i], d0 + d1, fmaf(B[i], X, acc[i])) : acc[i] + (d0 + d1);
-    }
+    for (int i = 0; i < R; i++) acc[i] = gemv_chunk_dot<QT>(xv, X, wv[i], A[i], B[i], acc[i]);
 }
 
 /* Adds the loaded chunks' contributions to acc [R][NT] (x: n_tok staged vectors). */

@@ -170,6 +170,83 @@ moe_down_kernel(const float *__restrict__ act, const int32_t *__restrict__ ids, 
             if (r0 + i < g.hidden) y[t * g.hidden + r0 + i] = ya[i];
 }
 
+/* Down of a few tokens with the choices spread over warps: block (row group, token t) has one warp
+ * per choice j (K warps), each warp the rows row0 .. row0 + rb - 1 of choice j's down matrix in
+ * MOE_DS_PASSES passes of its tiles, act[t][j]'s chunks in registers (S per lane); the weighted
+ * row sums meet in shared memory and are added in j order. Short per-warp work and many warps,
+ * where moe_down_kernel walks every choice in one warp. */
+#define MOE_DS_PASSES 2
+#define MOE_DS_MAX_K 16
+template <int QT, int R, int S>
+__global__ void __launch_bounds__(MOE_DS_MAX_K * 32)
+moe_down_split_kernel(const float *__restrict__ act, const int32_t *__restrict__ ids, const float *__restrict__ w,
+                      const void *const *__restrict__ blobs, moe_geo g, int rb, float *__restrict__ y) {
+    extern __shared__ float part[]; /* [K][rb] */
+    constexpr int EPC = cq_traits<QT>::EPC, F = EPC / 4, P = MOE_DS_PASSES;
+    const int64_t t = blockIdx.y, row0 = (int64_t)blockIdx.x * rb;
+    const int lane = threadIdx.x & 31, j = threadIdx.x >> 5, lpr = 1 << g.lpr_log2, li = lane & (lpr - 1);
+    const int tile = lane >> g.lpr_log2, tpw = 32 >> g.lpr_log2;
+    const float wj = w[t * g.K + j];
+    const cq_mat m = moe_mat<QT>((const unsigned char *)blobs[ids[t * g.K + j]] + g.off[2], g.hidden, g.inter);
+    int64_t rr[P][R];
+    uint4 wv[P][S][R];
+    float A[P][S][R], B[P][S][R];
+#pragma unroll
+    for (int p = 0; p < P; p++) {
+#pragma unroll
+        for (int i = 0; i < R; i++) {
+            const int64_t r = row0 + (p * tpw + tile) * R + i;
+            rr[p][i] = r < g.hidden ? r : g.hidden - 1;
+        }
+#pragma unroll
+        for (int k = 0; k < S; k++) {
+            const int64_t ch = li + (int64_t)k * lpr;
+            gemv_load1<QT, R>(m, rr[p], ch < g.nchunks ? ch : li, g.nchunks, wv[p][k], A[p][k], B[p][k]);
+        }
+    }
+    /* launched dependent after gate/up: act (its output) is readable only from here */
+    cb_pdl_wait();
+    cb_pdl_trigger();
+    float xv[S][EPC], X[S];
+#pragma unroll
+    for (int k = 0; k < S; k++) {
+        const int64_t ch = li + (int64_t)k * lpr;
+        const float4 *xc = (const float4 *)(act + (t * g.K + j) * g.inter) + (ch < g.nchunks ? ch : li) * F;
+        X[k] = 0.0f;
+#pragma unroll
+        for (int f = 0; f < F; f++) {
+            const float4 v = xc[f];
+            xv[k][4 * f] = v.x, xv[k][4 * f + 1] = v.y, xv[k][4 * f + 2] = v.z, xv[k][4 * f + 3] = v.w;
+            X[k] += (v.x + v.y) + (v.z + v.w);
+        }
+    }
+#pragma unroll
+    for (int p = 0; p < P; p++) {
+        float acc[R];
+#pragma unroll
+        for (int i = 0; i < R; i++) acc[i] = 0.0f;
+#pragma unroll
+        for (int k = 0; k < S; k++)
+            if (li + (int64_t)k * lpr < g.nchunks)
+#pragma unroll
+                for (int i = 0; i < R; i++) acc[i] = gemv_chunk_dot<QT>(xv[k], X[k], wv[p][k][i], A[p][k][i], B[p][k][i], acc[i]);
+        gemv_lanes_sum<R>(acc, lpr);
+        if (li == 0)
+#pragma unroll
+            for (int i = 0; i < R; i++) {
+                const int lr = (p * tpw + tile) * R + i;
+                if (lr < rb) part[j * rb + lr] = wj * acc[i];
+            }
+    }
+    __syncthreads();
+    for (int r = threadIdx.x; r < rb; r += blockDim.x)
+        if (row0 + r < g.hidden) {
+            float sum = 0.0f;
+            for (int jj = 0; jj < g.K; jj++) sum += part[jj * rb + r];
+            y[t * g.hidden + row0 + r] = sum;
+        }
+}
+
 size_t cuda_moe_act_floats(const mf_backend_limits *lim) {
     if (lim->max_top_k <= 0 || lim->max_inter <= 0 || lim->max_tokens <= 0) return 0;
     return (size_t)lim->max_tokens * (size_t)lim->max_top_k * (size_t)lim->max_inter;
@@ -244,6 +321,19 @@ static void moe_down(cuda_backend *c, const int32_t *ids, const float *w, const 
     static int smem_set = 0;
     g.nchunks = g.inter / cq_traits<QT>::EPC;
     g.lpr_log2 = moe_lpr_log2(g.nchunks);
+    const int64_t lpr = (int64_t)1 << g.lpr_log2, S = (g.nchunks + lpr - 1) / lpr;
+    if (g.K <= MOE_DS_MAX_K && S <= 2 && n_tok <= 65535) {
+        const int R = 2, rb = MOE_DS_PASSES * (int)(32 / lpr) * R;
+        const dim3 grid((unsigned)((g.hidden + rb - 1) / rb), (unsigned)n_tok);
+        const size_t smem = sizeof(float) * (size_t)g.K * (size_t)rb;
+        if (S == 1)
+            cb_launch_dependent(c, moe_down_split_kernel<QT, 2, 1>, grid, dim3(32 * g.K), smem, (const float *)c->moe_act,
+                                ids, w, blobs, g, rb, y);
+        else
+            cb_launch_dependent(c, moe_down_split_kernel<QT, 2, 2>, grid, dim3(32 * g.K), smem, (const float *)c->moe_act,
+                                ids, w, blobs, g, rb, y);
+        return;
+    }
     g.n_tiles = (g.hidden + MOE_DN_R - 1) / MOE_DN_R;
     const int threads = moe_block(c, g, n_tok);
     const size_t smem = gemv_smem<QT>(g.inter, g.K);

@@ -1,5 +1,6 @@
 /* cuda_router.cu - the MoE router on the GPU: per token a softmax over the expert logits, the
- * top K (ties to the lower id), weights renormalised on request; one warp per token.
+ * top K (ties to the lower id), weights renormalised on request; one warp per token, the
+ * probabilities in registers up to 512 experts, in shared memory beyond.
  * Not the expert dispatch (forward.c groups tokens by expert on the host). */
 #include "backend/cuda/cuda_internal.cuh"
 
@@ -70,6 +71,66 @@ router_kernel(const float *__restrict__ logits, int64_t n_tok, int E, int K, int
     }
 }
 
+/* The same for E <= 32 * PER experts with the probabilities in registers (PER per lane, expert
+ * i * 32 + lane in slot i): no shared memory, and each round's search is register compares. */
+template <int PER>
+__global__ void __launch_bounds__(RT_WARPS * 32)
+router_reg_kernel(const float *__restrict__ logits, int64_t n_tok, int E, int K, int norm, int32_t *__restrict__ ids,
+                  float *__restrict__ w) {
+    cb_pdl_trigger();
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int64_t t = (int64_t)blockIdx.x * RT_WARPS + warp;
+    if (t >= n_tok) return; /* whole warps leave together */
+    const float *lg = logits + t * E;
+    float p[PER];
+    float mx = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < PER; i++) {
+        const int e = i * 32 + lane;
+        p[i] = e < E ? lg[e] : -INFINITY;
+        mx = fmaxf(mx, p[i]);
+    }
+    mx = cb_warp_max(mx);
+    double sum = 0.0;
+#pragma unroll
+    for (int i = 0; i < PER; i++)
+        if (i * 32 + lane < E) {
+            p[i] = expf(p[i] - mx);
+            sum += p[i];
+        }
+    for (int o = 16; o; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+#pragma unroll
+    for (int i = 0; i < PER; i++) p[i] = i * 32 + lane < E ? (float)(p[i] / sum) : -1.0f; /* -1: not a choice */
+    int my_id[RT_MAX_K / 32] = {-1, -1};
+    float my_w[RT_MAX_K / 32] = {0.0f, 0.0f}, ws = 0.0f;
+    for (int j = 0; j < K; j++) {
+        float bv = -1.0f;
+        int be = -1;
+#pragma unroll
+        for (int i = 0; i < PER; i++)
+            if (p[i] >= 0.0f && p[i] > bv) bv = p[i], be = i * 32 + lane;
+        for (int o = 16; o; o >>= 1) {
+            const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+            const int oe = __shfl_xor_sync(0xffffffffu, be, o);
+            if (oe >= 0 && (be < 0 || ov > bv || (ov == bv && oe < be))) bv = ov, be = oe;
+        }
+        const float wv = be >= 0 ? bv : 0.0f;
+        ws += wv; /* every lane holds the same winner */
+        if (lane == (j & 31)) my_id[j >> 5] = be, my_w[j >> 5] = wv;
+#pragma unroll
+        for (int i = 0; i < PER; i++)
+            if (i * 32 + lane == be) p[i] = -1.0f;
+    }
+#pragma unroll
+    for (int s = 0; s < RT_MAX_K / 32; s++) {
+        const int j = s * 32 + lane;
+        if (j < K) {
+            ids[t * K + j] = my_id[s];
+            w[t * K + j] = norm ? my_w[s] / ws : my_w[s];
+        }
+    }
+}
+
 void cuda_op_router_topk(mf_backend *b, const float *logits, int64_t n_tok, int E, int K, int norm, int32_t *ids,
                          float *w) {
     cuda_backend *c = cb_of(b);
@@ -79,6 +140,13 @@ void cuda_op_router_topk(mf_backend *b, const float *logits, int64_t n_tok, int 
         return;
     }
     const unsigned grid = (unsigned)((n_tok + RT_WARPS - 1) / RT_WARPS);
+    if (E <= 512) {
+        if (E <= 128) router_reg_kernel<4><<<grid, RT_WARPS * 32, 0, c->stream>>>(logits, n_tok, E, K, norm, ids, w);
+        else if (E <= 256) router_reg_kernel<8><<<grid, RT_WARPS * 32, 0, c->stream>>>(logits, n_tok, E, K, norm, ids, w);
+        else router_reg_kernel<16><<<grid, RT_WARPS * 32, 0, c->stream>>>(logits, n_tok, E, K, norm, ids, w);
+        CB_LAUNCHED(c, "router_topk");
+        return;
+    }
     router_kernel<<<grid, RT_WARPS * 32, (size_t)RT_WARPS * E * sizeof(float), c->stream>>>(logits, n_tok, E, K, norm,
                                                                                            ids, w);
     CB_LAUNCHED(c, "router_topk");
