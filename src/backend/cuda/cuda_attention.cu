@@ -1,6 +1,7 @@
 /* cuda_attention.cu - causal grouped-query attention on the GPU: one block per (split of the
- * context, head, token) with an online softmax per warp; when the context is split (long-context
- * decode), a second pass merges the splits' partial results from the reserved scratch.
+ * context, head, token) with an online softmax per warp over positions whose k and v rows it loads
+ * four at a time; when the context is split (decode), a second pass merges the splits' partial
+ * results from the reserved scratch.
  * The positions are read on the device, so a captured decode step replays at any position.
  * Not the KV cache writes (forward.c scatters k and v in). */
 #include "backend/cuda/cuda_internal.cuh"
@@ -8,7 +9,7 @@
 #define ATT_THREADS 128
 #define ATT_WARPS (ATT_THREADS / 32)
 #define ATT_MAX_J 16       /* head_dim up to 32 * ATT_MAX_J */
-#define ATT_MIN_SPAN 64    /* positions per split, at least */
+#define ATT_MIN_SPAN 32    /* positions per split, at least */
 #define ATT_MAX_SPLITS 128
 #define ATT_SCRATCH_ROWS 2048 /* token-heads that reserve sizes splits for */
 #define ATT_MAX_HD 256     /* head_dim that reserve sizes splits for */
@@ -23,9 +24,13 @@ size_t cuda_attention_scratch_floats(const mf_backend_limits *lim) {
 
 /* q, out [n_tok][n_heads][hd]; caches [ctx][n_kv][hd]; pos [n_tok]. Block (split, head, token):
  * positions [split * span, (split + 1) * span) up to the token's own, span = the context of the
- * last token over n_split (a split past the context contributes nothing). Lane l holds dims l + 32 j.
+ * last token over n_split (a split past the context contributes nothing). Lane l holds dims
+ * l + 32 j, j < NJ (NJ * 32 >= hd). A warp takes positions warp, warp + ATT_WARPS, ... and loads
+ * the k and v rows of U of them at once, so their loads are in flight together; the online
+ * softmax still takes them one by one in that order.
  * n_split == 1: out is written normalized; else part_ml [rows][n_split][2] (max, sum) and
  * part_acc [rows][n_split][hd] (unnormalized) for the merge, rows = n_tok * n_heads. */
+template <int NJ, int U>
 __global__ void __launch_bounds__(ATT_THREADS)
 attn_kernel(const float *__restrict__ q, const float *__restrict__ kc, const float *__restrict__ vc,
             const int32_t *__restrict__ pos, int64_t n_tok, int n_heads, int n_kv, int hd, float scale, int n_split,
@@ -37,7 +42,7 @@ attn_kernel(const float *__restrict__ q, const float *__restrict__ kc, const flo
     const int split = blockIdx.x, h = blockIdx.y;
     const int64_t t = blockIdx.z, row = t * n_heads + h;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int kvh = h / (n_heads / n_kv), nj = (hd + 31) / 32;
+    const int kvh = h / (n_heads / n_kv);
     const int64_t last = pos[t]; /* inclusive */
     const int64_t ctx = (int64_t)pos[n_tok - 1] + 1;
     int64_t span = (ctx + n_split - 1) / n_split;
@@ -46,32 +51,49 @@ attn_kernel(const float *__restrict__ q, const float *__restrict__ kc, const flo
     int64_t p_end = p_begin + span;
     if (p_end > last + 1) p_end = last + 1;
     const float *qr = q + row * hd;
-    float qv[ATT_MAX_J], acc[ATT_MAX_J];
+    float qv[NJ], acc[NJ];
 #pragma unroll
-    for (int j = 0; j < ATT_MAX_J; j++) {
+    for (int j = 0; j < NJ; j++) {
         const int d = lane + 32 * j;
-        qv[j] = j < nj && d < hd ? qr[d] : 0.0f;
+        qv[j] = d < hd ? qr[d] : 0.0f;
         acc[j] = 0.0f;
     }
     float m = -INFINITY, l = 0.0f;
     const int64_t kv_stride = (int64_t)n_kv * hd;
-    for (int64_t p = p_begin + warp; p < p_end; p += ATT_WARPS) {
-        const float *kr = kc + p * kv_stride + (int64_t)kvh * hd;
-        float d = 0.0f;
+    for (int64_t p0 = p_begin + warp; p0 < p_end; p0 += U * ATT_WARPS) {
+        float kx[U][NJ], vx[U][NJ];
 #pragma unroll
-        for (int j = 0; j < ATT_MAX_J; j++) {
-            const int e = lane + 32 * j;
-            if (j < nj && e < hd) d = fmaf(qv[j], kr[e], d);
+        for (int u = 0; u < U; u++) {
+            const int64_t p = p0 + u * ATT_WARPS < p_end ? p0 + u * ATT_WARPS : p0; /* clamped for loads */
+            const float *kr = kc + p * kv_stride + (int64_t)kvh * hd, *vr = vc + p * kv_stride + (int64_t)kvh * hd;
+#pragma unroll
+            for (int j = 0; j < NJ; j++) {
+                const int e = lane + 32 * j;
+                kx[u][j] = e < hd ? kr[e] : 0.0f;
+                vx[u][j] = e < hd ? vr[e] : 0.0f;
+            }
         }
-        const float sc = cb_warp_sum(d) * scale;
-        const float mn = fmaxf(m, sc), corr = expf(m - mn), pw = expf(sc - mn);
-        l = l * corr + pw;
-        m = mn;
-        const float *vr = vc + p * kv_stride + (int64_t)kvh * hd;
+        float sc[U];
 #pragma unroll
-        for (int j = 0; j < ATT_MAX_J; j++) {
-            const int e = lane + 32 * j;
-            if (j < nj) acc[j] = acc[j] * corr + (e < hd ? pw * vr[e] : 0.0f);
+        for (int u = 0; u < U; u++) {
+            float d = 0.0f;
+#pragma unroll
+            for (int j = 0; j < NJ; j++) d = fmaf(qv[j], kx[u][j], d);
+            sc[u] = d;
+        }
+#pragma unroll
+        for (int o = 16; o; o >>= 1)
+#pragma unroll
+            for (int u = 0; u < U; u++) sc[u] += __shfl_xor_sync(0xffffffffu, sc[u], o);
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            if (p0 + u * ATT_WARPS >= p_end) break;
+            const float sv = sc[u] * scale;
+            const float mn = fmaxf(m, sv), corr = expf(m - mn), pw = expf(sv - mn);
+            l = l * corr + pw;
+            m = mn;
+#pragma unroll
+            for (int j = 0; j < NJ; j++) acc[j] = acc[j] * corr + pw * vx[u][j];
         }
     }
     /* merge the warps */
@@ -80,8 +102,7 @@ attn_kernel(const float *__restrict__ q, const float *__restrict__ kc, const flo
         sl[warp] = l;
     }
 #pragma unroll
-    for (int j = 0; j < ATT_MAX_J; j++)
-        if (j < nj) sacc[warp][lane + 32 * j] = acc[j];
+    for (int j = 0; j < NJ; j++) sacc[warp][lane + 32 * j] = acc[j];
     __syncthreads();
     float M = -INFINITY;
     for (int w = 0; w < ATT_WARPS; w++) M = fmaxf(M, sm[w]);
@@ -142,8 +163,15 @@ void cuda_op_attention(mf_backend *b, const float *q, const float *k_cache, cons
     if (n_split < 1) n_split = 1;
     float *part_ml = n_split > 1 ? c->scratch : NULL, *part_acc = n_split > 1 ? c->scratch + rows * n_split * 2 : NULL;
     dim3 grid((unsigned)n_split, (unsigned)n_heads, (unsigned)n_tok);
-    attn_kernel<<<grid, ATT_THREADS, 0, c->stream>>>(q, k_cache, v_cache, pos, n_tok, n_heads, n_kv, hd, scale,
-                                                     (int)n_split, out, part_ml, part_acc);
+    if (hd <= 128)
+        attn_kernel<4, 4><<<grid, ATT_THREADS, 0, c->stream>>>(q, k_cache, v_cache, pos, n_tok, n_heads, n_kv, hd, scale,
+                                                               (int)n_split, out, part_ml, part_acc);
+    else if (hd <= 256)
+        attn_kernel<8, 4><<<grid, ATT_THREADS, 0, c->stream>>>(q, k_cache, v_cache, pos, n_tok, n_heads, n_kv, hd, scale,
+                                                               (int)n_split, out, part_ml, part_acc);
+    else
+        attn_kernel<ATT_MAX_J, 2><<<grid, ATT_THREADS, 0, c->stream>>>(q, k_cache, v_cache, pos, n_tok, n_heads, n_kv,
+                                                                       hd, scale, (int)n_split, out, part_ml, part_acc);
     if (CB_LAUNCHED(c, "attention")) return;
     if (n_split > 1) {
         attn_merge_kernel<<<(unsigned)rows, hd < 256 ? 128 : 256, 0, c->stream>>>(part_ml, part_acc, (int)n_split, hd,
