@@ -1,6 +1,6 @@
 /* cuda_attention.cu - causal grouped-query attention on the GPU: one block per (split of the
  * context, head, token) with an online softmax per warp over positions whose k and v rows it loads
- * four at a time; when the context is split (decode), a second pass merges the splits' partial
+ * four or eight at a time; when the context is split (decode), a second pass merges the splits' partial
  * results from the reserved scratch.
  * The positions are read on the device, so a captured decode step replays at any position.
  * Not the KV cache writes (forward.c scatters k and v in). */
@@ -164,7 +164,7 @@ void cuda_op_attention(mf_backend *b, const float *q, const float *k_cache, cons
     float *part_ml = n_split > 1 ? c->scratch : NULL, *part_acc = n_split > 1 ? c->scratch + rows * n_split * 2 : NULL;
     dim3 grid((unsigned)n_split, (unsigned)n_heads, (unsigned)n_tok);
     if (hd <= 128)
-        attn_kernel<4, 4><<<grid, ATT_THREADS, 0, c->stream>>>(q, k_cache, v_cache, pos, n_tok, n_heads, n_kv, hd, scale,
+        attn_kernel<4, 8><<<grid, ATT_THREADS, 0, c->stream>>>(q, k_cache, v_cache, pos, n_tok, n_heads, n_kv, hd, scale,
                                                                (int)n_split, out, part_ml, part_acc);
     else if (hd <= 256)
         attn_kernel<8, 4><<<grid, ATT_THREADS, 0, c->stream>>>(q, k_cache, v_cache, pos, n_tok, n_heads, n_kv, hd, scale,

@@ -8,6 +8,7 @@
  * Each block stages x of its tokens, then its warps stride over row tiles. */
 
 #define GEMV_SMEM_MAX (96 * 1024) /* x of the tokens of one launch, and the chunk sums */
+#define GEMV_TINY ((uint64_t)4 << 20) /* weight bytes below which one token uses 1 row and 4 chunks in flight a lane */
 #ifndef GEMV_BIG
 #define GEMV_BIG ((uint64_t)64 << 20) /* weight bytes from which one token uses 4 rows per lane */
 #endif
@@ -129,7 +130,9 @@ static void gemv_launch_cfg(cuda_backend *c, gemv_set &set, const float *x, int 
 /* Rows per lane R and chunks in flight U, by sandbox timings on an H200 (kernel times in CUDA
  * graphs, q4/q8/bf16 at expert, projection and lm-head shapes): R = 4 reads x least and wins on
  * the 248320-row lm head (q4 2.8 TB/s, q8 3.9, bf16 4.4 against a 4.25 TB/s copy); below 64 MB
- * of weights R = 2 gives twice the warps and wins or ties everywhere. */
+ * of weights R = 2 gives twice the warps and wins or ties everywhere; below 4 MB (a router, a
+ * shared expert) R = 1 with 4 chunks in flight shortens each warp's chain of loads (30B-A3B
+ * shape decode +1.5% on an H100, router 128 x 2048 bf16). */
 template <int QT, int NT>
 static void gemv_launch(cuda_backend *c, gemv_set &set, const float *x, int n_tok) {
     uint64_t bytes = 0;
@@ -137,6 +140,7 @@ static void gemv_launch(cuda_backend *c, gemv_set &set, const float *x, int n_to
         bytes += (uint64_t)set.m[j].rows * (uint64_t)set.m[j].cols * (uint64_t)quant_bits((mf_qtype)QT) / 8;
     if constexpr (NT == 1) {
         if (bytes >= GEMV_BIG) gemv_launch_cfg<QT, 1, 4, 2, 256>(c, set, x, n_tok);
+        else if (bytes < GEMV_TINY) gemv_launch_cfg<QT, 1, 1, 4, 256>(c, set, x, n_tok);
         else gemv_launch_cfg<QT, 1, 2, 2, 256>(c, set, x, n_tok);
     } else {
         gemv_launch_cfg<QT, NT, 2, 2, 256>(c, set, x, n_tok);
