@@ -4,6 +4,7 @@
  * Every activation lives in backend memory and every step is a backend op, so the same code
  * drives the CPU and the GPU. Not state management (session.c) and not kernels (backend/). */
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "backend/cuda/cuda_backend.h"
@@ -159,7 +160,26 @@ static void shared_expert(mf_session *s, const layer_weights *lw, int n) {
     OPS->add_gated(be, s->y, s->big4, s->small2, n, m->file.L.hp.hidden);
 }
 
-static mf_status moe_block(mf_session *s, int l, int n) {
+/* The front of a streamed MoE layer's routing, all backend ops: the router, its top-k and the
+ * next layer's prediction. Returns the predicted layer, or -1. */
+static int moe_route(mf_session *s, int l, int n) {
+    mf_model *m = s->m;
+    const mf_hparams *hp = &m->file.L.hp;
+    mf_backend *be = m->be;
+    OPS->matmul(be, &m->w.layers[l].router, s->h, n, s->small1);
+    OPS->router_topk(be, s->small1, n, hp->n_experts, hp->top_k, hp->norm_topk_prob, s->d_topk_ids, s->d_topk_w);
+    return predict_issue(s, l, n);
+}
+
+/* Whether layer l of a step of n tokens takes the streamed path of moe_block. */
+static int moe_streamed(const mf_session *s, int l, int n) {
+    const mf_model *m = s->m;
+    return m->file.L.hp.layer_moe[l] &&
+           !(n <= FUSED_MAX_TOKENS && m->dcache && dev_cache_layer_resident(m->dcache, l));
+}
+
+/* routed: moe_route already ran for this step (in the layer's recorded piece). */
+static mf_status moe_block(mf_session *s, int l, int n, int routed) {
     mf_model *m = s->m;
     const mf_hparams *hp = &m->file.L.hp;
     const layer_weights *lw = &m->w.layers[l];
@@ -193,9 +213,7 @@ static mf_status moe_block(mf_session *s, int l, int n) {
         MARK(expert_compute);
         return MF_OK;
     }
-    OPS->matmul(be, &lw->router, s->h, n, s->small1);
-    OPS->router_topk(be, s->small1, n, E, K, hp->norm_topk_prob, s->d_topk_ids, s->d_topk_w);
-    int ln = predict_issue(s, l, n);
+    int ln = routed ? (s->predict ? next_moe_layer(hp, l) : -1) : moe_route(s, l, n);
     /* otherwise the choice (and the next layer's predicted one) comes back to the host in one
      * download: it decides which experts to fetch */
     int64_t TK = (int64_t)s->chunk * K;
@@ -286,26 +304,67 @@ static mf_status moe_block(mf_session *s, int l, int n) {
     return MF_OK;
 }
 
+/* A layer's ops from its first norm through the mixer and its second norm (h in, h out). */
+static void layer_front(mf_session *s, int l, int n) {
+    mf_model *m = s->m;
+    const mf_hparams *hp = &m->file.L.hp;
+    const layer_weights *lw = &m->w.layers[l];
+    mf_backend *be = m->be;
+    int64_t H = hp->hidden;
+    float eps = (float)hp->rms_eps;
+    /* the previous layer's residual add goes with this layer's first norm */
+    if (l == 0) OPS->rmsnorm(be, s->x, lw->input_norm, n, H, eps, s->h);
+    else OPS->add_rmsnorm(be, s->x, s->y, lw->input_norm, n, H, eps, s->h);
+    MARK(other);
+    if (hp->layer_kind[l] == MF_LAYER_FULL_ATTENTION) attention_block(s, l, n);
+    else linear_block(s, l, n);
+    MARK(mixer);
+    OPS->add_rmsnorm(be, s->x, s->y, lw->post_norm, n, H, eps, s->h);
+}
+
+/* Layer l's front and routing as one recorded piece for one token (recorded on first use at the
+ * context bound max_ctx, as the whole decode graph is): a streamed layer needs the host only
+ * after its router, so everything before that replays without issuing op by op. Returns 1 when
+ * the piece ran, 0 when the ops must be issued directly. */
+static int layer_piece(mf_session *s, int l, int n) {
+    mf_model *m = s->m;
+    mf_backend *be = m->be;
+    if (n != 1 || !OPS->graph_begin || s->profile || !s->use_graph || s->pieces_off || !moe_streamed(s, l, n))
+        return 0;
+    if (!s->pieces && !(s->pieces = calloc((size_t)m->file.L.hp.n_layers, sizeof(void *)))) return 0;
+    if (!s->pieces[l]) {
+        if (OPS->graph_begin(be) != MF_OK) {
+            s->pieces_off = 1;
+            return 0;
+        }
+        int64_t ctx = s->attn_ctx;
+        s->attn_ctx = s->max_ctx;
+        layer_front(s, l, n);
+        moe_route(s, l, n);
+        s->attn_ctx = ctx;
+        s->pieces[l] = OPS->graph_end(be);
+        if (!s->pieces[l]) {
+            s->pieces_off = 1;
+            return 0;
+        }
+    }
+    OPS->graph_launch(be, s->pieces[l]);
+    return 1;
+}
+
 /* Embedding and every layer for the n tokens already in d_tokens / d_positions: x [n][hidden]. */
 static mf_status forward_layers(mf_session *s, int n) {
     mf_model *m = s->m;
     const mf_hparams *hp = &m->file.L.hp;
     mf_backend *be = m->be;
     int64_t H = hp->hidden;
-    float eps = (float)hp->rms_eps;
     OPS->embed(be, &m->w.embed, s->d_tokens, n, s->x);
     for (int l = 0; l < hp->n_layers; l++) {
         const layer_weights *lw = &m->w.layers[l];
-        /* the previous layer's residual add goes with this layer's first norm */
-        if (l == 0) OPS->rmsnorm(be, s->x, lw->input_norm, n, H, eps, s->h);
-        else OPS->add_rmsnorm(be, s->x, s->y, lw->input_norm, n, H, eps, s->h);
-        MARK(other);
-        if (hp->layer_kind[l] == MF_LAYER_FULL_ATTENTION) attention_block(s, l, n);
-        else linear_block(s, l, n);
-        MARK(mixer);
-        OPS->add_rmsnorm(be, s->x, s->y, lw->post_norm, n, H, eps, s->h);
+        const int routed = layer_piece(s, l, n);
+        if (!routed) layer_front(s, l, n);
         if (hp->layer_moe[l]) {
-            mf_status st = moe_block(s, l, n);
+            mf_status st = moe_block(s, l, n, routed);
             if (st) return st;
         } else {
             MARK(other);

@@ -97,6 +97,9 @@ struct mf_session {
     int64_t attn_ctx;          /* context bound the attention ops of this step are sized for */
     int use_graph;             /* decode steps may be recorded once and replayed */
     void *graph;               /* the recorded decode step (layers, head, greedy choice), or NULL */
+    void **pieces;             /* [n_layers] per streamed layer: its ops up to the router's choice
+                                  and the next layer's prediction, recorded for one token, or NULL */
+    int pieces_off;            /* recording a piece failed once: issue those ops directly */
 };
 
 /* Profiling: closes the current phase (waiting for the backend first) and charges it to *acc. */
