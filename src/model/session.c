@@ -261,7 +261,10 @@ static mf_status eval_tokens(mf_session *s, const int32_t *tokens, int n, float 
         float *lg = NULL;
         if (logits && all_logits) lg = logits + (int64_t)i * vocab;
         else if (logits && last) lg = logits;
+        const int keep = s->keep_logits;
+        s->keep_logits = keep && last; /* only the last chunk's logits are sampled from */
         mf_status st = forward_chunk(s, tokens + i, c, lg, all_logits, last ? next : NULL);
+        s->keep_logits = keep;
         if (st) return st;
     }
     return MF_OK;
