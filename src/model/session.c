@@ -67,17 +67,14 @@ static void *balloc(mf_session *s, size_t n, int *ok) {
     return p;
 }
 
-static int m_layers(const mf_session *s) { return s->m->file.L.hp.n_layers; }
-
 void mf_session_free(mf_session *s) {
     if (!s) return;
     if (s->m) {
         mf_backend *be = s->m->be;
         if (s->graph) be->ops->graph_free(be, s->graph);
-        for (int l = 0; s->pieces && l < m_layers(s); l++)
-            if (s->pieces[l]) be->ops->graph_free(be, s->pieces[l]);
         const mf_hparams *hp = &s->m->file.L.hp;
         for (int l = 0; l < hp->n_layers; l++) {
+            if (s->pieces && s->pieces[l]) be->ops->graph_free(be, s->pieces[l]);
             if (s->k_cache) be->ops->free(be, s->k_cache[l]);
             if (s->v_cache) be->ops->free(be, s->v_cache[l]);
             if (s->conv_state) be->ops->free(be, s->conv_state[l]);
