@@ -4,7 +4,8 @@
  * (moe_experts, cuda_moe.cu) against the per-expert ops they replace; and of expert uploads
  * from pageable and from host_alloc (page-locked) memory. Not a correctness test
  * (tests/cuda/test_cuda_ops.c). Build: make bench (built when nvcc is found); run on a GPU machine:
- *   build/bench_cuda_matvec [--quick]
+ *   build/bench_cuda_matvec [--quick] [--only TEXT]
+ * --only TEXT keeps the rows whose name contains TEXT (for example "projection", "experts").
  * Each shape cycles through copies of its weights totalling at least 256 MiB, so that the
  * timings are of device memory, not of the 50 MB L2. Launches go back to back on the backend's
  * stream, as the engine issues them: for small matrices the launch rate, not memory, is the limit. */
@@ -187,7 +188,18 @@ typedef struct shape {
 } shape;
 
 int main(int argc, char **argv) {
-    int quick = argc > 1 && !strcmp(argv[1], "--quick");
+    int quick = 0;
+    const char *only = NULL;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--quick")) {
+            quick = 1;
+        } else if (!strcmp(argv[i], "--only") && i + 1 < argc) {
+            only = argv[++i];
+        } else {
+            fprintf(stderr, "usage: bench_cuda_matvec [--quick] [--only TEXT]\n");
+            return 2;
+        }
+    }
     mf_err err = {0};
     mf_backend *be = cuda_backend_create(0, &err);
     if (!be) {
@@ -206,11 +218,11 @@ int main(int argc, char **argv) {
         printf("smallest op (add of 1 float) back to back: %.2f us per call\n\n", (now_s() - t0) / 2000 * 1e6);
         be->ops->free(be, a);
     }
-    if (bench_upload(be, (size_t)7 << 20, quick)) return 1;
+    if (!only && bench_upload(be, (size_t)7 << 20, quick)) return 1;
     /* the chosen experts of one layer, fused (2 launches) against one op chain per expert */
-    if (bench_moe(be, "experts Qwen3.6-35B-A3B", 256, 8, 2048, 512, 1, quick) ||
+    if ((!only || strstr("experts", only)) && (bench_moe(be, "experts Qwen3.6-35B-A3B", 256, 8, 2048, 512, 1, quick) ||
         bench_moe(be, "experts Qwen3.6-35B-A3B", 256, 8, 2048, 512, 8, quick) ||
-        bench_moe(be, "experts Qwen3.5-397B", 64, 10, 4096, 1024, 1, quick))
+        bench_moe(be, "experts Qwen3.5-397B", 64, 10, 4096, 1024, 1, quick)))
         return 1;
     printf("\n");
     static const shape shapes[] = {
@@ -230,7 +242,7 @@ int main(int argc, char **argv) {
         for (size_t ti = 0; ti < sizeof types / sizeof types[0]; ti++) {
             const shape *s = &shapes[si];
             mf_qtype t = types[ti];
-            if (quick && s->rows > 100000) continue;
+            if ((quick && s->rows > 100000) || (only && !strstr(s->what, only))) continue;
             uint64_t wb = quant_tensor_bytes(t, s->rows, s->cols);
             int copies = (int)(((uint64_t)256 << 20) / wb);
             if (copies < 1) copies = 1;

@@ -15,7 +15,7 @@ mkdir -p "$OUT" "$W"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>&1
 
 # (a) q4 / q8 / bf16 matvec at real shapes against the device copy bandwidth
-want a && [ -x build/bench_cuda_matvec ] && build/bench_cuda_matvec --json > "$OUT/a_matvec.json" 2> "$OUT/a_matvec.err"
+want a && [ -x build/bench_cuda_matvec ] && build/bench_cuda_matvec > "$OUT/a_matvec.txt" 2> "$OUT/a_matvec.err"
 
 # (b), (c) 35B-A3B: all 40 layers, 18 GB of q4 experts
 if want b; then

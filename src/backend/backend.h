@@ -180,7 +180,8 @@ typedef struct mf_backend_ops {
     void (*moe_experts)(mf_backend *b, const float *x, const int32_t *ids, const float *w,
                         int64_t n_tok, int K, const void *const *blobs, const mf_expert_layout *lay,
                         float *y);
-    /* Page-locked host memory for buffers that feed uploads (experts): NULL when unavailable;
+    /* Page-locked host memory for buffers that feed uploads (experts) or take downloads (the
+     * routing choice): NULL when unavailable;
      * the CPU returns ordinary aligned memory. */
     void *(*host_alloc)(mf_backend *b, size_t bytes);
     void (*host_free)(mf_backend *b, void *p);

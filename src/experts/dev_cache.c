@@ -1,6 +1,7 @@
 /* dev_cache.c - expert blobs in backend memory: slots allocated lazily up to the budget, an
  * index (layer, expert) -> slot, eviction of the least used unpinned slot (aged use counts,
- * then recency); misses come
+ * then recency, kept as one number a slot so that choosing a victim is one pass over a compact
+ * array: a cache of thousands of slots chooses several a layer); misses come
  * from the host expert store and uploaded on the backend's copy stream (upload_async), their
  * host blobs pinned until the copy finished; dev_cache_get fences. Not thread-safe: the forward pass calls it. */
 #include "experts/dev_cache.h"
@@ -24,6 +25,8 @@ struct dev_cache {
     uint64_t slot_bytes;
     int n_slots, n_alloc;
     slot *slots;        /* [n_slots] */
+    uint64_t *key;      /* [n_slots]: eviction order (slot_key), smallest first */
+    int n_empty;        /* allocated slots holding no expert */
     int32_t *index;     /* [n_layers][max_experts] -> slot, -1 when absent */
     int max_experts;
     int *layer_row;     /* [n_layers] -> expert-layer index in L, -1 for dense layers */
@@ -68,6 +71,7 @@ mf_status dev_cache_open(dev_cache **out, mf_backend *be, expert_store *host, co
     if (n > (1u << 30)) n = 1u << 30;
     c->n_slots = (int)n;
     c->slots = calloc((size_t)c->n_slots, sizeof *c->slots);
+    c->key = calloc((size_t)c->n_slots, sizeof *c->key);
     int nl = L->hp.n_layers;
     c->index = malloc(sizeof(int32_t) * (size_t)nl * (size_t)(c->max_experts ? c->max_experts : 1));
     c->layer_row = malloc(sizeof(int) * (size_t)nl);
@@ -77,7 +81,7 @@ mf_status dev_cache_open(dev_cache **out, mf_backend *be, expert_store *host, co
     c->dirty = calloc((size_t)nl, 1);
     c->uses = calloc((size_t)nl * (size_t)(c->max_experts ? c->max_experts : 1), sizeof(uint32_t));
     c->age_every = 16 * (uint64_t)c->n_slots + 4096;
-    if (!c->slots || !c->index || !c->layer_row || !c->resident || !c->table || !c->table_host || !c->dirty || !c->uses) {
+    if (!c->slots || !c->key || !c->index || !c->layer_row || !c->resident || !c->table || !c->table_host || !c->dirty || !c->uses) {
         dev_cache_close(c);
         return err_set(err, MF_ERR_NOMEM, "out of memory for the device expert cache index");
     }
@@ -111,6 +115,7 @@ void dev_cache_close(dev_cache *c) {
     free(c->pend);
     for (int i = 0; c->slots && i < c->n_alloc; i++) c->be->ops->free(c->be, c->slots[i].mem);
     free(c->slots);
+    free(c->key);
     free(c->index);
     free(c->layer_row);
     free(c->resident);
@@ -127,6 +132,24 @@ static mf_status check(dev_cache *c, int layer, int32_t id, mf_err *err) {
     if (id < 0 || id >= c->L->expert_layers[c->layer_row[layer]].count)
         return err_set(err, MF_ERR_ARG, "device expert cache: layer %d has no expert %d", layer, id);
     return MF_OK;
+}
+
+/* A slot's eviction order: its aged use count (capped) above its last use, with flags above both
+ * for slots that may not go (pinned, or empty: find_slot takes those first). */
+#define KEY_PINNED (1ull << 63)
+#define KEY_KEEP (1ull << 62) /* set during find_slot for the ids wanted now */
+#define KEY_USES_MAX ((1ull << 22) - 1)
+#define KEY_CLOCK_MASK ((1ull << 40) - 1)
+
+static void slot_key(dev_cache *c, int i) {
+    const slot *s = &c->slots[i];
+    if (s->layer < 0) {
+        c->key[i] = KEY_PINNED;
+        return;
+    }
+    uint64_t u = c->uses[(size_t)s->layer * c->max_experts + s->id];
+    if (u > KEY_USES_MAX) u = KEY_USES_MAX;
+    c->key[i] = (s->pins ? KEY_PINNED : 0) | u << 40 | (s->last_use & KEY_CLOCK_MASK);
 }
 
 /* Sets one entry of the table; the backend's copy of the row follows when it is next read
@@ -148,34 +171,39 @@ void dev_cache_send_tables(dev_cache *c) {
     for (int l = 0; l < c->L->hp.n_layers; l++) send_row(c, l);
 }
 
-/* A free or evictable slot, never one of `keep` (ids of this layer wanted now); -1 if none. */
+/* A free or evictable slot, never one of `keep` (ids of this layer wanted now); -1 if none.
+ * The slot returned is empty until fill puts an expert in it. */
 static int find_slot(dev_cache *c, int layer, const int32_t *keep, int n_keep) {
-    for (int i = 0; i < c->n_alloc; i++)
-        if (c->slots[i].layer < 0) return i;
+    if (c->n_empty)
+        for (int i = 0; i < c->n_alloc; i++)
+            if (c->slots[i].layer < 0) return i;
     if (c->n_alloc < c->n_slots) {
         void *mem = c->be->ops->alloc(c->be, c->slot_bytes);
         if (mem) {
             c->slots[c->n_alloc].mem = mem;
             c->slots[c->n_alloc].layer = -1;
+            c->key[c->n_alloc] = KEY_PINNED;
+            c->n_empty++;
             return c->n_alloc++;
         }
         c->n_slots = c->n_alloc; /* the backend is out of memory: stay at what we have */
     }
     /* the least used of late (uses halve as they age), then the least recently used: experts
      * with a steady share of the routing stay while one-off ones come and go */
+    for (int k = 0; k < n_keep; k++) {
+        const int32_t j = c->index[(size_t)layer * c->max_experts + keep[k]];
+        if (j >= 0) c->key[j] |= KEY_KEEP;
+    }
     int best = -1;
-    uint32_t best_uses = 0;
-    for (int i = 0; i < c->n_alloc; i++) {
-        slot *s = &c->slots[i];
-        if (s->pins) continue;
-        int wanted = 0;
-        for (int k = 0; k < n_keep && !wanted; k++) wanted = s->layer == layer && s->id == keep[k];
-        if (wanted) continue;
-        const uint32_t u = c->uses[(size_t)s->layer * c->max_experts + s->id];
-        if (best < 0 || u < best_uses || (u == best_uses && s->last_use < c->slots[best].last_use)) {
+    uint64_t best_key = KEY_KEEP;
+    for (int i = 0; i < c->n_alloc; i++)
+        if (c->key[i] < best_key) {
+            best_key = c->key[i];
             best = i;
-            best_uses = u;
         }
+    for (int k = 0; k < n_keep; k++) {
+        const int32_t j = c->index[(size_t)layer * c->max_experts + keep[k]];
+        if (j >= 0) c->key[j] &= ~KEY_KEEP;
     }
     if (best >= 0) {
         slot *s = &c->slots[best];
@@ -183,6 +211,8 @@ static int find_slot(dev_cache *c, int layer, const int32_t *keep, int n_keep) {
         set_entry(c, s->layer, s->id, NULL);
         c->resident[s->layer]--;
         s->layer = -1;
+        c->key[best] = KEY_PINNED;
+        c->n_empty++;
         c->st.evictions++;
         c->st.resident_bytes -= c->slot_bytes;
     }
@@ -224,6 +254,8 @@ static mf_status fill(dev_cache *c, int i, int layer, int32_t id, mf_err *err) {
     s->id = id;
     s->pins = 0;
     s->last_use = ++c->clock;
+    c->n_empty--;
+    slot_key(c, i);
     c->index[(size_t)layer * c->max_experts + id] = i;
     set_entry(c, layer, id, s->mem);
     c->resident[layer]++;
@@ -251,6 +283,7 @@ mf_status dev_cache_prefetch(dev_cache *c, int layer, const int32_t *ids, int n,
         c->st.misses++;
         c->slots[i].last_use = 0; /* counted as a miss now; its get is then not a hit */
         c->slots[i].pins = 0;
+        slot_key(c, i);
     }
     return MF_OK;
 }
@@ -275,8 +308,12 @@ mf_status dev_cache_get(dev_cache *c, int layer, int32_t id, const void **blob, 
     s->last_use = ++c->clock;
     uint32_t *u = &c->uses[(size_t)layer * c->max_experts + id];
     if (*u < UINT32_MAX) (*u)++;
-    if (++c->gets % c->age_every == 0)
+    if (++c->gets % c->age_every == 0) {
         for (size_t k = 0; k < (size_t)c->L->hp.n_layers * (size_t)c->max_experts; k++) c->uses[k] >>= 1;
+        for (int k = 0; k < c->n_alloc; k++) slot_key(c, k);
+    } else {
+        slot_key(c, i);
+    }
     *blob = s->mem;
     c->be->ops->upload_fence(c->be); /* ops issued from now on see its bytes */
     return MF_OK;
@@ -285,7 +322,7 @@ mf_status dev_cache_get(dev_cache *c, int layer, int32_t id, const void **blob, 
 void dev_cache_release(dev_cache *c, int layer, int32_t id) {
     if (layer < 0 || layer >= c->L->hp.n_layers || id < 0 || id >= c->max_experts) return;
     int i = c->index[(size_t)layer * c->max_experts + id];
-    if (i >= 0 && c->slots[i].pins > 0) c->slots[i].pins--;
+    if (i >= 0 && c->slots[i].pins > 0 && !--c->slots[i].pins) slot_key(c, i);
 }
 
 int dev_cache_slots(const dev_cache *c) { return c->n_slots; }

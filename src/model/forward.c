@@ -260,8 +260,6 @@ static mf_status moe_block(mf_session *s, int l, int n, int routed) {
             s->blob_host[s->used_ids[got]] = blob;
             if (st) break;
         }
-        /* with this layer's experts pinned, the next layer's likely ones may start copying */
-        if (!st && ln >= 0) predict_start(s, ln, n, 1);
         if (!st) {
             MARK(expert_wait);
             const void *const *table = m->dcache ? dev_cache_table(m->dcache, l) : (const void *const *)s->d_blob_table;
@@ -269,6 +267,9 @@ static mf_status moe_block(mf_session *s, int l, int n, int routed) {
             OPS->moe_experts(be, s->h, s->d_topk_ids, s->d_topk_w, n, K, table, &lay, s->y);
             if (lw->has_shared) shared_expert(s, lw, n);
         }
+        /* with this layer's experts still pinned, the next layer's likely ones may start
+         * copying; issued after this layer's compute, which waits for its own misses only */
+        if (!st && ln >= 0) predict_start(s, ln, n, 1);
         /* releasing is safe before the op ran: a blob's slot is only refilled by an upload
          * queued after it on the same stream */
         for (int u = 0; u < got; u++) experts_release(m, l, s->used_ids[u]);

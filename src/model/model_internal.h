@@ -74,7 +74,9 @@ struct mf_session {
     int snap_next;
     float *lin_host;           /* [lin_floats] staging for snapshots, save and load */
     int32_t *positions;        /* [chunk] */
-    void *route;               /* host copy of d_route */
+    void *route;               /* host copy of d_route (page-locked where the backend has it, so that
+                                * its download is a direct copy, not one staged behind uploads) */
+    int route_pinned;          /* route came from host_alloc */
     int32_t *topk_ids;         /* [chunk][top_k] (view into route) */
     float *topk_w;             /* [chunk][top_k] (view) */
     int32_t *pred_raw;         /* [chunk][top_k] (view): the next layer's router's choice */

@@ -92,7 +92,9 @@ void mf_session_free(mf_session *s) {
     free(s->conv_state);
     free(s->rec_state);
     for (int i = 0; i < SESSION_SNAPSHOTS; i++) free(s->snaps[i].data);
-    void *bufs[] = {s->tokens, s->positions, s->route, s->expert_count, s->expert_tok,
+    if (s->route_pinned) s->m->be->ops->host_free(s->m->be, s->route);
+    else free(s->route);
+    void *bufs[] = {s->tokens, s->positions, s->expert_count, s->expert_tok,
                     s->expert_tw, s->expert_start, s->used_ids, s->lin_host, s->pred_ids, s->pred_mark,
                     (void *)s->blob_host};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
@@ -132,7 +134,13 @@ mf_status mf_session_new(mf_model *m, const mf_session_options *o, mf_session **
     size_t f = sizeof(float);
     s->tokens = zalloc(sizeof(int32_t) * (size_t)s->max_ctx, &ok);
     s->positions = zalloc(sizeof(int32_t) * (size_t)T, &ok);
-    s->route = zalloc(sizeof(int32_t) * 3 * (size_t)(T * K), &ok);
+    const size_t route_bytes = sizeof(int32_t) * 3 * (size_t)(T * K);
+    if (m->be->ops->host_alloc && !m->be->ops->host_memory && (s->route = m->be->ops->host_alloc(m->be, route_bytes))) {
+        memset(s->route, 0, route_bytes);
+        s->route_pinned = 1;
+    } else {
+        s->route = zalloc(route_bytes, &ok);
+    }
     if (s->route) {
         s->topk_ids = s->route;
         s->topk_w = (float *)s->route + T * K;

@@ -9,6 +9,10 @@
 
 #define GEMV_SMEM_MAX (96 * 1024) /* x of the tokens of one launch, and the chunk sums */
 #define GEMV_TINY ((uint64_t)4 << 20) /* weight bytes below which one token uses 1 row and 4 chunks in flight a lane */
+#ifndef GEMV_MID_R
+#define GEMV_MID_R 2 /* rows a lane and chunks in flight between GEMV_TINY and GEMV_BIG */
+#define GEMV_MID_U 2
+#endif
 #ifndef GEMV_BIG
 #define GEMV_BIG ((uint64_t)64 << 20) /* weight bytes from which one token uses 4 rows per lane */
 #endif
@@ -141,7 +145,7 @@ static void gemv_launch(cuda_backend *c, gemv_set &set, const float *x, int n_to
     if constexpr (NT == 1) {
         if (bytes >= GEMV_BIG) gemv_launch_cfg<QT, 1, 4, 2, 256>(c, set, x, n_tok);
         else if (bytes < GEMV_TINY) gemv_launch_cfg<QT, 1, 1, 4, 256>(c, set, x, n_tok);
-        else gemv_launch_cfg<QT, 1, 2, 2, 256>(c, set, x, n_tok);
+        else gemv_launch_cfg<QT, 1, GEMV_MID_R, GEMV_MID_U, 256>(c, set, x, n_tok);
     } else {
         gemv_launch_cfg<QT, NT, 2, 2, 256>(c, set, x, n_tok);
     }
