@@ -9,10 +9,6 @@
 
 #define GEMV_SMEM_MAX (96 * 1024) /* x of the tokens of one launch, and the chunk sums */
 #define GEMV_TINY ((uint64_t)4 << 20) /* weight bytes below which one token uses 1 row and 4 chunks in flight a lane */
-#ifndef GEMV_MID_R
-#define GEMV_MID_R 2 /* rows a lane and chunks in flight between GEMV_TINY and GEMV_BIG */
-#define GEMV_MID_U 2
-#endif
 #ifndef GEMV_BIG
 #define GEMV_BIG ((uint64_t)64 << 20) /* weight bytes from which one token uses 4 rows per lane */
 #endif
@@ -131,12 +127,24 @@ static void gemv_launch_cfg(cuda_backend *c, gemv_set &set, const float *x, int 
                         nchunks, lpr_log2, x, n_tok);
 }
 
+/* Whether the set's row tiles of R rows (at most one warp each) fit in two 256-thread blocks a
+ * multiprocessor, so that every warp is placed at once and none strides to a second tile. */
+static bool gemv_one_wave(const cuda_backend *c, const gemv_set &set, int R) {
+    int64_t warps = 0;
+    for (int j = 0; j < set.n; j++) warps += (set.m[j].rows + R - 1) / R;
+    return warps <= (int64_t)c->n_sm * 16;
+}
+
 /* Rows per lane R and chunks in flight U, by sandbox timings on an H200 (kernel times in CUDA
  * graphs, q4/q8/bf16 at expert, projection and lm-head shapes): R = 4 reads x least and wins on
  * the 248320-row lm head (q4 2.8 TB/s, q8 3.9, bf16 4.4 against a 4.25 TB/s copy); below 64 MB
  * of weights R = 2 gives twice the warps and wins or ties everywhere; below 4 MB (a router, a
  * shared expert) R = 1 with 4 chunks in flight shortens each warp's chain of loads (30B-A3B
- * shape decode +1.5% on an H100, router 128 x 2048 bf16). */
+ * shape decode +1.5% on an H100, router 128 x 2048 bf16). Between the two, a set whose tiles all fit
+ * in one wave takes 4 chunks in flight, so that a lane issues all of a 4096-column q4 row's loads
+ * (or half a q8 one's) before waiting on the kernel before it (H100, in graphs: 4096 x 4096 q4
+ * 8.2 -> 7.1 us, q8 9.7 -> 8.3 us; decode unchanged); sets spanning several waves (a DeltaNet
+ * in-projection) keep 2, as more registers a warp there means fewer warps in flight. */
 template <int QT, int NT>
 static void gemv_launch(cuda_backend *c, gemv_set &set, const float *x, int n_tok) {
     uint64_t bytes = 0;
@@ -145,7 +153,8 @@ static void gemv_launch(cuda_backend *c, gemv_set &set, const float *x, int n_to
     if constexpr (NT == 1) {
         if (bytes >= GEMV_BIG) gemv_launch_cfg<QT, 1, 4, 2, 256>(c, set, x, n_tok);
         else if (bytes < GEMV_TINY) gemv_launch_cfg<QT, 1, 1, 4, 256>(c, set, x, n_tok);
-        else gemv_launch_cfg<QT, 1, GEMV_MID_R, GEMV_MID_U, 256>(c, set, x, n_tok);
+        else if (gemv_one_wave(c, set, 2)) gemv_launch_cfg<QT, 1, 2, 4, 256>(c, set, x, n_tok);
+        else gemv_launch_cfg<QT, 1, 2, 2, 256>(c, set, x, n_tok);
     } else {
         gemv_launch_cfg<QT, NT, 2, 2, 256>(c, set, x, n_tok);
     }
