@@ -40,11 +40,15 @@ static uint64_t mem_available(void) {
     return (uint64_t)kb * 1024;
 }
 
+static void slot_pool_free(struct slot_pool *p);
+
 static void unload(mf_model *m) {
     dev_cache_close(m->dcache);
     m->dcache = NULL;
     if (m->store) expert_store_close(m->store);
     m->store = NULL;
+    slot_pool_free(m->slots);
+    m->slots = NULL;
     weights_free(&m->w);
     if (m->be) m->be->ops->destroy(m->be);
     m->be = NULL;
@@ -52,15 +56,68 @@ static void unload(mf_model *m) {
 
 int mf_cuda_available(void) { return cuda_backend_available(); }
 
-/* Host expert slots in page-locked memory, so a GPU copies them at full PCIe speed. */
-static void *slot_alloc(void *user, size_t bytes) {
-    mf_backend *be = user;
-    return be->ops->host_alloc(be, bytes);
+/* Host expert slots in page-locked memory, so a GPU copies them at full PCIe speed. Slots are
+ * carved from arenas of up to SLOT_ARENA_SLOTS slots, one host_alloc each (page-locking is a
+ * costly call, and one a slot slowed the host tier's first fill), never more in all than the
+ * store's budget; an arena goes back with its last slot (the store frees slots when it closes). */
+#define SLOT_ARENA_SLOTS 64
+typedef struct slot_arena {
+    char *base;
+    size_t cap, used;
+    int live; /* slots handed out and not freed */
+} slot_arena;
+struct slot_pool {
+    mf_backend *be;
+    uint64_t budget, reserved; /* the store's budget; bytes in arenas so far */
+    slot_arena *a;
+    int n, cap;
+};
+
+/* After the store closed: every arena went back with its last slot. */
+static void slot_pool_free(struct slot_pool *p) {
+    if (p) free(p->a);
+    free(p);
 }
 
-static void slot_free(void *user, void *p) {
-    mf_backend *be = user;
-    be->ops->host_free(be, p);
+static void *slot_alloc(void *user, size_t bytes) {
+    struct slot_pool *p = user;
+    slot_arena *last = p->n ? &p->a[p->n - 1] : NULL;
+    if (!last || last->cap - last->used < bytes) {
+        if (p->n == p->cap) {
+            int cap = p->cap ? 2 * p->cap : 16;
+            slot_arena *na = realloc(p->a, sizeof *na * (size_t)cap);
+            if (!na) return NULL;
+            p->a = na;
+            p->cap = cap;
+        }
+        uint64_t left = p->budget > p->reserved ? p->budget - p->reserved : 0;
+        size_t want = bytes * SLOT_ARENA_SLOTS;
+        if (want > left) want = left < bytes ? bytes : left / bytes * bytes;
+        char *base = p->be->ops->host_alloc(p->be, want);
+        if (!base && want > bytes) base = p->be->ops->host_alloc(p->be, want = bytes);
+        if (!base) return NULL;
+        p->reserved += want;
+        last = &p->a[p->n++];
+        *last = (slot_arena){base, want, 0, 0};
+    }
+    void *r = last->base + last->used;
+    last->used += bytes;
+    last->live++;
+    return r;
+}
+
+static void slot_free(void *user, void *ptr) {
+    struct slot_pool *p = user;
+    for (int i = 0; i < p->n; i++) {
+        slot_arena *a = &p->a[i];
+        if (a->base && (char *)ptr >= a->base && (char *)ptr < a->base + a->cap) {
+            if (--a->live == 0) {
+                p->be->ops->host_free(p->be, a->base);
+                a->base = NULL;
+            }
+            return;
+        }
+    }
 }
 
 mf_status mf_model_load(mf_model *m, const mf_engine_options *o) {
@@ -92,11 +149,21 @@ mf_status mf_model_load(mf_model *m, const mf_engine_options *o) {
     if (m->opt.io_threads > 0) so.io_threads = m->opt.io_threads;
     so.o_direct = m->opt.o_direct;
     if (!m->be->ops->host_memory && m->be->ops->host_alloc) {
+        if (!(m->slots = calloc(1, sizeof *m->slots))) {
+            unload(m);
+            return err_set(&m->err, MF_ERR_NOMEM, "out of memory");
+        }
+        m->slots->be = m->be;
         so.slot_alloc = slot_alloc;
         so.slot_free = slot_free;
-        so.slot_user = m->be;
+        so.slot_user = m->slots;
     }
     st = expert_store_open(&m->store, &m->file, &so, &m->err);
+    if (!st && m->slots) {
+        expert_stats es;
+        expert_store_stats(m->store, &es);
+        m->slots->budget = es.budget_bytes; /* slots x slot_bytes, as the store settled it */
+    }
     if (!st && !m->be->ops->host_memory) {
         uint64_t budget = m->opt.gpu_cache_bytes;
         if (!budget) {

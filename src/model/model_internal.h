@@ -21,6 +21,7 @@ struct mf_model {
     mf_backend *be;
     expert_store *store;
     dev_cache *dcache;         /* experts in backend memory; NULL when the backend uses host memory */
+    struct slot_pool *slots;   /* page-locked arenas the store's slots come from (GPU backends) */
 };
 
 /* The expert tiers as the forward pass sees them: backend pointers to blobs. */
