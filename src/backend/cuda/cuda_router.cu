@@ -8,10 +8,45 @@
 
 #define RT_MAX_K 64 /* choices a lane keeps in registers: choice j in slot j / 32 of lane j % 32 */
 
+/* The choices made so far, as the lanes keep them, and their weights' running sum. */
+struct rt_choices {
+    int id[RT_MAX_K / 32];
+    float w[RT_MAX_K / 32];
+    float sum;
+};
+
+/* Choice j: the warp's best of the lanes' candidates (bv, be), the highest probability with ties
+ * to the lower id, -1 where no lane has one. Every lane learns it (and gets it back), so the
+ * weights' sum (for norm) builds up in choice order without reading anything back; lane j % 32
+ * keeps choice j. */
+__device__ __forceinline__ int rt_take(rt_choices &ch, int j, int lane, float bv, int be) {
+    for (int o = 16; o; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+        const int oe = __shfl_xor_sync(0xffffffffu, be, o);
+        if (oe >= 0 && (be < 0 || ov > bv || (ov == bv && oe < be))) bv = ov, be = oe;
+    }
+    const float wv = be >= 0 ? bv : 0.0f;
+    ch.sum += wv;
+    if (lane == (j & 31)) ch.id[j >> 5] = be, ch.w[j >> 5] = wv;
+    return be;
+}
+
+/* Writes token t's K choices, each once, the weights renormalised when norm. */
+__device__ __forceinline__ void rt_store(const rt_choices &ch, int lane, int64_t t, int K, int norm,
+                                         int32_t *__restrict__ ids, float *__restrict__ w) {
+#pragma unroll
+    for (int s = 0; s < RT_MAX_K / 32; s++) {
+        const int j = s * 32 + lane;
+        if (j < K) {
+            ids[t * K + j] = ch.id[s];
+            w[t * K + j] = norm ? ch.w[s] / ch.sum : ch.w[s];
+        }
+    }
+}
+
 /* logits [n_tok][E]; ids, w [n_tok][K]. Probabilities as the CPU op: p = (float)(expf(l - max) /
- * sum), the sum in double; a taken expert is marked -1. Every lane learns each round's winner, so
- * the weights' sum (for norm) builds up in choice order without reading anything back, and each
- * choice is written once at the end. Shared: [RT_WARPS][E] probabilities. */
+ * sum), the sum in double; a taken expert is marked -1 (rt_take picks each round's winner).
+ * Shared: [RT_WARPS][E] probabilities. */
 __global__ void __launch_bounds__(RT_WARPS * 32)
 router_kernel(const float *__restrict__ logits, int64_t n_tok, int E, int K, int norm, int32_t *__restrict__ ids,
               float *__restrict__ w) {
@@ -42,33 +77,18 @@ router_kernel(const float *__restrict__ logits, int64_t n_tok, int E, int K, int
 #pragma unroll 8
     for (int e = lane; e < E; e += 32) p[e] = (float)(p[e] / sum);
     __syncwarp();
-    int my_id[RT_MAX_K / 32] = {-1, -1};
-    float my_w[RT_MAX_K / 32] = {0.0f, 0.0f}, ws = 0.0f;
+    rt_choices ch = {{-1, -1}, {0.0f, 0.0f}, 0.0f};
     for (int j = 0; j < K; j++) {
         float bv = -1.0f;
         int be = -1;
 #pragma unroll 8
         for (int e = lane; e < E; e += 32)
             if (p[e] >= 0.0f && p[e] > bv) bv = p[e], be = e;
-        for (int o = 16; o; o >>= 1) {
-            const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-            const int oe = __shfl_xor_sync(0xffffffffu, be, o);
-            if (oe >= 0 && (be < 0 || ov > bv || (ov == bv && oe < be))) bv = ov, be = oe;
-        }
-        const float wv = be >= 0 ? bv : 0.0f;
-        ws += wv; /* every lane holds the same winner */
-        if (lane == (j & 31)) my_id[j >> 5] = be, my_w[j >> 5] = wv;
-        if (lane == 0 && be >= 0) p[be] = -1.0f;
+        const int won = rt_take(ch, j, lane, bv, be);
+        if (lane == 0 && won >= 0) p[won] = -1.0f;
         __syncwarp();
     }
-#pragma unroll
-    for (int s = 0; s < RT_MAX_K / 32; s++) {
-        const int j = s * 32 + lane;
-        if (j < K) {
-            ids[t * K + j] = my_id[s];
-            w[t * K + j] = norm ? my_w[s] / ws : my_w[s];
-        }
-    }
+    rt_store(ch, lane, t, K, norm, ids, w);
 }
 
 /* The same for E <= 32 * PER experts with the probabilities in registers (PER per lane, expert
@@ -101,34 +121,19 @@ router_reg_kernel(const float *__restrict__ logits, int64_t n_tok, int E, int K,
     for (int o = 16; o; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
 #pragma unroll
     for (int i = 0; i < PER; i++) p[i] = i * 32 + lane < E ? (float)(p[i] / sum) : -1.0f; /* -1: not a choice */
-    int my_id[RT_MAX_K / 32] = {-1, -1};
-    float my_w[RT_MAX_K / 32] = {0.0f, 0.0f}, ws = 0.0f;
+    rt_choices ch = {{-1, -1}, {0.0f, 0.0f}, 0.0f};
     for (int j = 0; j < K; j++) {
         float bv = -1.0f;
         int be = -1;
 #pragma unroll
         for (int i = 0; i < PER; i++)
             if (p[i] >= 0.0f && p[i] > bv) bv = p[i], be = i * 32 + lane;
-        for (int o = 16; o; o >>= 1) {
-            const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-            const int oe = __shfl_xor_sync(0xffffffffu, be, o);
-            if (oe >= 0 && (be < 0 || ov > bv || (ov == bv && oe < be))) bv = ov, be = oe;
-        }
-        const float wv = be >= 0 ? bv : 0.0f;
-        ws += wv; /* every lane holds the same winner */
-        if (lane == (j & 31)) my_id[j >> 5] = be, my_w[j >> 5] = wv;
+        const int won = rt_take(ch, j, lane, bv, be);
 #pragma unroll
         for (int i = 0; i < PER; i++)
-            if (i * 32 + lane == be) p[i] = -1.0f;
+            if (i * 32 + lane == won) p[i] = -1.0f;
     }
-#pragma unroll
-    for (int s = 0; s < RT_MAX_K / 32; s++) {
-        const int j = s * 32 + lane;
-        if (j < K) {
-            ids[t * K + j] = my_id[s];
-            w[t * K + j] = norm ? my_w[s] / ws : my_w[s];
-        }
-    }
+    rt_store(ch, lane, t, K, norm, ids, w);
 }
 
 void cuda_op_router_topk(mf_backend *b, const float *logits, int64_t n_tok, int E, int K, int norm, int32_t *ids,
