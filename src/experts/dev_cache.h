@@ -1,6 +1,7 @@
 /* dev_cache.h - the expert tier in a backend's own memory (GPU memory for CUDA): fixed slots
- * under a byte budget, LRU with pins, filled from the host expert store. Not the host RAM cache
- * (store.h) and not used by backends that compute on host memory. */
+ * under a byte budget, pins, eviction of the expert used least of late (aged use counts) and then
+ * least recently, filled from the host expert store. Not the host RAM cache (store.h) and not
+ * used by backends that compute on host memory. */
 #ifndef MF_EXPERTS_DEV_CACHE_H
 #define MF_EXPERTS_DEV_CACHE_H
 
