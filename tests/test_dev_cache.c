@@ -295,3 +295,25 @@ Test(dev_cache, pinned_slots_are_not_evicted) {
     dev_cache_release(x.c, l1, 1);
     fixture_close(&x);
 }
+
+/* An id given twice to one prefetch takes one slot (the other stays free for the next miss). */
+Test(dev_cache, prefetch_of_a_repeated_id) {
+    fixture x;
+    fixture_open(&x, 2);
+    const int l0 = x.f.L.expert_layers[0].layer;
+    const int32_t ids[3] = {3, 3, 3};
+    mf_err err;
+    err_clear(&err);
+    cr_assert_eq(dev_cache_prefetch(x.c, l0, ids, 3, &err), MF_OK, "%s", err.msg);
+    dev_cache_stats st;
+    dev_cache_stats_get(x.c, &st);
+    cr_assert_eq(st.misses, 1, "one blob fetched, not %llu", (unsigned long long)st.misses);
+    get_checked(&x, 0, 1); /* takes the free slot, evicts nothing */
+    cr_assert(dev_cache_has(x.c, l0, 3) && dev_cache_has(x.c, l0, 1));
+    dev_cache_stats_get(x.c, &st);
+    cr_assert_eq(st.evictions, 0);
+    dev_cache_release(x.c, l0, 1);
+    get_checked(&x, 0, 3);
+    dev_cache_release(x.c, l0, 3);
+    fixture_close(&x);
+}

@@ -277,6 +277,7 @@ mf_status dev_cache_prefetch(dev_cache *c, int layer, const int32_t *ids, int n,
     if (!nm) return MF_OK;
     if ((st = expert_store_prefetch(c->host, layer, missing, nm, err))) return st;
     for (int k = 0; k < nm; k++) {
+        if (c->index[(size_t)layer * c->max_experts + missing[k]] >= 0) continue; /* an id given twice */
         int i = find_slot(c, layer, ids, n);
         if (i < 0) break; /* the budget holds no more */
         if ((st = fill(c, i, layer, missing[k], err))) return st;
