@@ -24,8 +24,7 @@ mf_status dev_cache_open(dev_cache **out, mf_backend *be, expert_store *host, co
                          uint64_t budget_bytes, mf_err *err);
 void dev_cache_close(dev_cache *c);
 /* Makes as many of ids[0..n) of layer resident as fit (best effort, like the store's; an id may
- * repeat). The
- * uploads may still be running when it returns; dev_cache_get fences them. */
+ * repeat). The uploads may still be running when it returns; dev_cache_get fences them. */
 mf_status dev_cache_prefetch(dev_cache *c, int layer, const int32_t *ids, int n, mf_err *err);
 /* Backend pointer to the blob of (layer, id), pinned until dev_cache_release. Backend ops
  * issued after it see every blob uploaded so far (upload_fence), so also the table's. */
