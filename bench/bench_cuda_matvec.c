@@ -5,7 +5,8 @@
  * from pageable and from host_alloc (page-locked) memory. Not a correctness test
  * (tests/cuda/test_cuda_ops.c). Build: make bench (built when nvcc is found); run on a GPU machine:
  *   build/bench_cuda_matvec [--quick] [--only TEXT]
- * --only TEXT keeps the rows whose name contains TEXT (for example "projection", "experts").
+ * --only TEXT keeps the rows whose name contains TEXT (for example "projection", "experts",
+ * "397B"), after the copy bandwidth they are measured against.
  * Each shape cycles through copies of its weights totalling at least 256 MiB, so that the
  * timings are of device memory, not of the 50 MB L2. Launches go back to back on the backend's
  * stream, as the engine issues them: for small matrices the launch rate, not memory, is the limit. */
@@ -182,6 +183,9 @@ static int bench_upload(mf_backend *be, size_t bytes, int quick) {
     return 0;
 }
 
+/* Whether the row `name` is wanted under --only (NULL: every row). */
+static int wanted(const char *only, const char *name) { return !only || strstr(name, only); }
+
 typedef struct shape {
     const char *what;
     int64_t rows, cols, n_tok;
@@ -208,7 +212,7 @@ int main(int argc, char **argv) {
     }
     double copy = copy_gbps(be, (size_t)1 << 30, quick ? 10 : 40);
     printf("device-to-device copy (read + write): %.0f GB/s\n", copy);
-    { /* the floor of any op: one-element adds back to back */
+    if (!only) { /* the floor of any op: one-element adds back to back */
         float *a = be->ops->alloc(be, 64);
         be->ops->add(be, a, a, 1);
         be->ops->sync(be);
@@ -220,10 +224,15 @@ int main(int argc, char **argv) {
     }
     if (!only && bench_upload(be, (size_t)7 << 20, quick)) return 1;
     /* the chosen experts of one layer, fused (2 launches) against one op chain per expert */
-    if ((!only || strstr("experts", only)) && (bench_moe(be, "experts Qwen3.6-35B-A3B", 256, 8, 2048, 512, 1, quick) ||
-        bench_moe(be, "experts Qwen3.6-35B-A3B", 256, 8, 2048, 512, 8, quick) ||
-        bench_moe(be, "experts Qwen3.5-397B", 64, 10, 4096, 1024, 1, quick)))
-        return 1;
+    static const struct { const char *what; int E, K; int64_t H, I, nt; } moes[] = {
+        {"experts Qwen3.6-35B-A3B", 256, 8, 2048, 512, 1},
+        {"experts Qwen3.6-35B-A3B", 256, 8, 2048, 512, 8},
+        {"experts Qwen3.5-397B", 64, 10, 4096, 1024, 1},
+    };
+    for (size_t i = 0; i < sizeof moes / sizeof moes[0]; i++)
+        if (wanted(only, moes[i].what) &&
+            bench_moe(be, moes[i].what, moes[i].E, moes[i].K, moes[i].H, moes[i].I, moes[i].nt, quick))
+            return 1;
     printf("\n");
     static const shape shapes[] = {
         {"expert gate/up 35B", 512, 2048, 1},   {"expert down 35B", 2048, 512, 1},
@@ -242,7 +251,7 @@ int main(int argc, char **argv) {
         for (size_t ti = 0; ti < sizeof types / sizeof types[0]; ti++) {
             const shape *s = &shapes[si];
             mf_qtype t = types[ti];
-            if ((quick && s->rows > 100000) || (only && !strstr(s->what, only))) continue;
+            if ((quick && s->rows > 100000) || !wanted(only, s->what)) continue;
             uint64_t wb = quant_tensor_bytes(t, s->rows, s->cols);
             int copies = (int)(((uint64_t)256 << 20) / wb);
             if (copies < 1) copies = 1;
