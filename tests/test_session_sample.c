@@ -11,15 +11,21 @@
 
 TestSuite(session_sample, .init = th_tmp_setup, .fini = th_tmp_teardown);
 
-/* The fixture converted losslessly, on the CPU, in every sampling mode. */
-static void same_tokens(const char *fixture) {
-    th_ref r;
-    th_ref_load(&r, fixture);
-    char *path = th_convert(fixture, NULL, NULL);
+/* The fixture's reference, and the fixture converted losslessly and loaded on the CPU. */
+static mf_model *load_cpu(const char *fixture, th_ref *r, char **path) {
+    th_ref_load(r, fixture);
+    *path = th_convert(fixture, NULL, NULL);
     mf_engine_options eo;
     mf_engine_options_init(&eo);
     eo.n_threads = 2;
-    mf_model *m = th_load(path, &eo);
+    return th_load(*path, &eo);
+}
+
+/* Every sampling mode on the fixture. */
+static void same_tokens(const char *fixture) {
+    th_ref r;
+    char *path;
+    mf_model *m = load_cpu(fixture, &r, &path);
     th_check_eval_sample_modes(m, &r, fixture);
     mf_model_free(m);
     free(path);
@@ -32,12 +38,8 @@ Test(session_sample, qwen3_moe_fused) { same_tokens("qwen3_moe_fused"); }
 
 Test(session_sample, wrong_vocabulary_refused) {
     th_ref r;
-    th_ref_load(&r, "qwen3_moe_fused");
-    char *path = th_convert("qwen3_moe_fused", NULL, NULL);
-    mf_engine_options eo;
-    mf_engine_options_init(&eo);
-    eo.n_threads = 2;
-    mf_model *m = th_load(path, &eo);
+    char *path;
+    mf_model *m = load_cpu("qwen3_moe_fused", &r, &path);
     mf_session *s = th_session(m, 4);
     mf_sampler_params p;
     mf_sampler_params_init(&p);
