@@ -45,7 +45,8 @@ static double copy_gbps(mf_backend *be, size_t bytes, int reps) {
  * experts come from device memory), calls cycling through E / K disjoint routes. Prints us per
  * call and GB/s of the chosen experts' bytes for the fused op and for the per-expert ops
  * (gather, gate, up, SwiGLU, down, scatter-add) that the engine ran before it. */
-static int bench_moe(mf_backend *be, const char *what, int E, int K, int64_t H, int64_t I, int64_t nt, int quick) {
+static int bench_moe(mf_backend *be, const char *what, int E, int K, int64_t H, int64_t I, int64_t nt, int in_host,
+                     int quick) {
     const mf_qtype t = MF_QTYPE_Q4;
     const uint64_t part = quant_tensor_bytes(t, I, H), stride = (3 * part + 4095) / 4096 * 4096;
     mf_expert_layout lay = {{t, t, t}, {0, part, 2 * part}, I, H};
@@ -59,6 +60,13 @@ static int bench_moe(mf_backend *be, const char *what, int E, int K, int64_t H, 
     if (!host || !dblob || !ids || !w) return 1;
     memset(host, 0x3c, stride);
     for (int e = 0; e < E; e++) {
+        /* in_host 1: every blob in page-locked host memory, read by the kernels over the bus;
+         * 2: every second one */
+        if (in_host == 1 || (in_host == 2 && e % 2)) {
+            if (!(dblob[e] = be->ops->host_alloc(be, stride))) return 1;
+            memcpy(dblob[e], host, stride);
+            continue;
+        }
         if (!(dblob[e] = be->ops->alloc(be, stride))) return 1;
         be->ops->upload(be, dblob[e], host, stride);
     }
@@ -144,7 +152,10 @@ static int bench_moe(mf_backend *be, const char *what, int E, int K, int64_t H, 
     if (nt == 1) printf("; per-expert ops %7.2f us %6.0f GB/s", per[1] * 1e6, bytes / per[1] / 1e9);
     printf("\n");
     fflush(stdout);
-    for (int i = 0; i < E; i++) be->ops->free(be, dblob[i]);
+    for (int i = 0; i < E; i++) {
+        if (in_host == 1 || (in_host == 2 && i % 2)) be->ops->host_free(be, dblob[i]);
+        else be->ops->free(be, dblob[i]);
+    }
     void *fr[] = {dtab, dids, dw, x, y, g, u, xo, ey, tok};
     for (int i = 0; i < 10; i++) be->ops->free(be, fr[i]);
     free(host);
@@ -224,14 +235,18 @@ int main(int argc, char **argv) {
     }
     if (!only && bench_upload(be, (size_t)7 << 20, quick)) return 1;
     /* the chosen experts of one layer, fused (2 launches) against one op chain per expert */
-    static const struct { const char *what; int E, K; int64_t H, I, nt; } moes[] = {
-        {"experts Qwen3.6-35B-A3B", 256, 8, 2048, 512, 1},
-        {"experts Qwen3.6-35B-A3B", 256, 8, 2048, 512, 8},
-        {"experts Qwen3.5-397B", 64, 10, 4096, 1024, 1},
+    static const struct { const char *what; int E, K; int64_t H, I, nt; int in_host; } moes[] = {
+        {"experts Qwen3.6-35B-A3B", 256, 8, 2048, 512, 1, 0},
+        {"experts Qwen3.6-35B-A3B", 256, 8, 2048, 512, 8, 0},
+        {"experts Qwen3.5-397B", 64, 10, 4096, 1024, 1, 0},
+        {"experts in host memory 35B", 256, 8, 2048, 512, 1, 1},
+        {"experts half in host memory 35B", 256, 8, 2048, 512, 1, 2},
+        {"experts in host memory 397B", 64, 10, 4096, 1024, 1, 1},
     };
     for (size_t i = 0; i < sizeof moes / sizeof moes[0]; i++)
         if (wanted(only, moes[i].what) &&
-            bench_moe(be, moes[i].what, moes[i].E, moes[i].K, moes[i].H, moes[i].I, moes[i].nt, quick))
+            bench_moe(be, moes[i].what, moes[i].E, moes[i].K, moes[i].H, moes[i].I, moes[i].nt,
+                                moes[i].in_host, quick))
             return 1;
     printf("\n");
     static const shape shapes[] = {

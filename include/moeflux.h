@@ -117,6 +117,11 @@ typedef struct mf_engine_options {
     uint64_t gpu_cache_bytes;    /* GPU expert cache budget; 0 = free GPU memory minus a reserve */
     int no_preload;              /* don't load every expert into GPU memory at load time even
                                     when they all fit (they then arrive on first use) */
+    int no_host_reads;           /* GPU: never compute an expert from host RAM in place. By
+                                    default, when the host expert cache holds every expert and
+                                    the GPU cache does not, every expert is read into page-locked
+                                    RAM at load time and the GPU reads those it lacks from there
+                                    (decode then never waits for an upload) */
 } mf_engine_options;
 
 /* Whether this build has the CUDA backend and a usable device. */
@@ -140,6 +145,7 @@ typedef struct mf_expert_stats {
     uint64_t budget_bytes, resident_bytes, peak_bytes;
     /* device tier (GPU memory), zero on the CPU backend */
     uint64_t gpu_hits, gpu_misses, gpu_evictions, gpu_bytes_uploaded;
+    uint64_t gpu_host_reads, gpu_bytes_read_in_place; /* misses the GPU computed from host RAM */
     double gpu_upload_seconds;
     uint64_t gpu_budget_bytes, gpu_peak_bytes;
 } mf_expert_stats;

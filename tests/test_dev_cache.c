@@ -317,3 +317,157 @@ Test(dev_cache, prefetch_of_a_repeated_id) {
     dev_cache_release(x.c, l0, 3);
     fixture_close(&x);
 }
+
+/* ---- host-read mode ---- */
+
+/* One more use of (layer, id), the counts halving every age_every uses (gets and noted uses). */
+static void sim_count(sim *s, int layer, int id) {
+    s->uses[layer][id]++;
+    if (++s->gets % s->age_every == 0)
+        for (int l = 0; l < 64; l++)
+            for (int e = 0; e < MAX_EXPERTS; e++) s->uses[l][e] >>= 1;
+}
+
+/* A noted use: a hit, or a read in place that takes a free slot, or the least used unpinned
+ * slot (then the oldest) when that one has fewer uses than (layer, id) now has. */
+static void sim_note(sim *s, int layer, int id, uint64_t *in_place) {
+    int i = sim_find(s, layer, id);
+    if (i >= 0) {
+        s->hits++;
+        s->last[i] = ++s->clock;
+        sim_count(s, layer, id);
+        return;
+    }
+    s->misses++;
+    (*in_place)++;
+    sim_count(s, layer, id);
+    for (i = 0; i < s->n_alloc && s->layer[i] >= 0; i++) {}
+    if (i == s->n_alloc) {
+        if (s->n_alloc < s->n_slots) {
+            i = s->n_alloc++;
+        } else {
+            int best = -1;
+            for (int k = 0; k < s->n_alloc; k++) {
+                if (s->pins[k]) continue;
+                uint32_t u = s->uses[s->layer[k]][s->id[k]];
+                uint32_t bu = best < 0 ? 0 : s->uses[s->layer[best]][s->id[best]];
+                if (best < 0 || u < bu || (u == bu && s->last[k] < s->last[best])) best = k;
+            }
+            if (best < 0 || s->uses[s->layer[best]][s->id[best]] >= s->uses[layer][id]) return;
+            s->evictions++;
+            i = best;
+        }
+    }
+    sim_fill(s, i, layer, id);
+}
+
+/* Every table entry: a slot holding the blob's bytes where the simulation has it resident,
+ * else the host store's own copy of the blob. */
+static void check_table(fixture *x, const sim *s, int step) {
+    const mfpack_layout *L = &x->f.L;
+    dev_cache_send_tables(x->c);
+    for (int m = 0; m < L->n_expert_layers; m++) {
+        const mfpack_expert_layer *E = &L->expert_layers[m];
+        cr_assert(dev_cache_layer_ready(x->c, E->layer));
+        const void *const *table = dev_cache_table(x->c, E->layer);
+        for (int e = 0; e < E->count; e++) {
+            const void *host;
+            mf_err err;
+            err_clear(&err);
+            cr_assert_eq(expert_store_get(x->store, E->layer, e, &host, &err), MF_OK, "%s", err.msg);
+            expert_store_release(x->store, E->layer, e);
+            const int resident = sim_find(s, E->layer, e) >= 0;
+            cr_assert_eq(dev_cache_has(x->c, E->layer, e), resident, "step %d: layer %d expert %d resident %d, simulated %d",
+                         step, E->layer, e, dev_cache_has(x->c, E->layer, e), resident);
+            cr_assert(table[e] && (table[e] == host) == !resident,
+                      "step %d: layer %d expert %d: table entry %p, host copy %p, resident %d", step, E->layer, e,
+                      table[e], host, resident);
+            cr_assert(!memcmp(table[e], x->ref[m][e], E->stride), "step %d: layer %d expert %d: bytes differ", step,
+                      E->layer, e);
+        }
+    }
+}
+
+/* Host-read mode: every entry set from the start (host copies for experts without a slot),
+ * then random noted uses (the choices of steps run as one op) mixed with gets and releases (the
+ * large prefill chunks), checked after every step against the admission policy simulated here:
+ * hits, reads in place, evictions, residency and each table entry. */
+static void host_reads_scripted(int slots, uint64_t seed, int steps) {
+    fixture x;
+    fixture_open(&x, slots);
+    sim s;
+    sim_init(&s, slots);
+    th_rng_seed(seed);
+    const mfpack_layout *L = &x.f.L;
+    /* one expert resident before the mode starts: it keeps its slot */
+    get_checked(&x, 0, 1);
+    dev_cache_release(x.c, L->expert_layers[0].layer, 1);
+    cr_assert(sim_get(&s, L->expert_layers[0].layer, 1));
+    sim_release(&s, L->expert_layers[0].layer, 1);
+    mf_err err;
+    err_clear(&err);
+    cr_assert(!dev_cache_host_mapped(x.c));
+    cr_assert_eq(dev_cache_map_host(x.c, &err), MF_OK, "%s", err.msg);
+    cr_assert(dev_cache_host_mapped(x.c));
+    check_table(&x, &s, -1);
+    uint64_t in_place = 0;
+    for (int step = 0; step < steps; step++) {
+        const int m = (int)(th_rng_next() % (uint64_t)L->n_expert_layers);
+        const int layer = L->expert_layers[m].layer, count = L->expert_layers[m].count;
+        if (th_rng_next() % 5) {
+            int32_t ids[4];
+            const int n = 1 + (int)(th_rng_next() % 4);
+            for (int k = 0; k < n; k++) {
+                int dup;
+                do { /* distinct, skewed to low ids */
+                    const double u = th_rng_unif();
+                    ids[k] = (int32_t)(u * u * u * count);
+                    dup = 0;
+                    for (int j = 0; j < k; j++) dup |= ids[j] == ids[k];
+                } while (dup);
+            }
+            dev_cache_note_uses(x.c, layer, ids, n);
+            for (int k = 0; k < n; k++) sim_note(&s, layer, ids[k], &in_place);
+        } else {
+            const int e = (int)(th_rng_next() % (uint64_t)count);
+            cr_assert(sim_get(&s, layer, e));
+            get_checked(&x, m, e);
+            dev_cache_release(x.c, layer, e);
+            sim_release(&s, layer, e);
+        }
+        check_state(&x, &s, step);
+        dev_cache_stats st;
+        dev_cache_stats_get(x.c, &st);
+        const uint64_t payload = mfpack_expert_payload(&L->expert_layers[0]);
+        cr_assert(st.host_reads == in_place && st.bytes_read_in_place == in_place * payload,
+                  "step %d: %llu reads in place (%llu bytes), simulated %llu", step, (unsigned long long)st.host_reads,
+                  (unsigned long long)st.bytes_read_in_place, (unsigned long long)in_place);
+        if (step % 50 == 0 || step == steps - 1) check_table(&x, &s, step);
+    }
+    cr_assert(s.evictions > 0 && in_place > 0 && s.hits > 0, "the script must hit, read in place and evict");
+    cr_assert(s.gets > s.age_every, "the script must age the use counts (%llu uses)", (unsigned long long)s.gets);
+    fixture_close(&x);
+}
+
+Test(dev_cache, host_reads_match_simulated_policy_2_slots) { host_reads_scripted(2, 21, 6000); }
+Test(dev_cache, host_reads_match_simulated_policy_7_slots) { host_reads_scripted(7, 22, 6000); }
+
+/* A host store that cannot hold every expert leaves the mode off. */
+Test(dev_cache, host_reads_need_every_expert_in_the_store) {
+    fixture x;
+    fixture_open(&x, 2);
+    expert_store_close(x.store);
+    expert_store_options so;
+    expert_store_options_init(&so);
+    const mfpack_expert_layer *E = &x.f.L.expert_layers[0];
+    so.budget_bytes = E->stride * (uint64_t)E->count; /* one layer's worth */
+    mf_err err;
+    err_clear(&err);
+    cr_assert_eq(expert_store_open(&x.store, &x.f, &so, &err), MF_OK, "%s", err.msg);
+    dev_cache_close(x.c);
+    cr_assert_eq(dev_cache_open(&x.c, x.be, x.store, &x.f.L, 2 * E->stride, &err), MF_OK, "%s", err.msg);
+    cr_assert_eq(dev_cache_map_host(x.c, &err), MF_OK, "%s", err.msg);
+    cr_assert(!dev_cache_host_mapped(x.c));
+    cr_assert(!dev_cache_layer_ready(x.c, E->layer));
+    fixture_close(&x);
+}

@@ -81,6 +81,9 @@ typedef struct mf_backend_limits {
 typedef struct mf_backend_ops {
     const char *name;
     int host_memory;   /* nonzero: backend memory is ordinary host memory (the CPU) */
+    /* nonzero: compute ops may read host_alloc memory in place, at that pointer (a GPU reads
+     * page-locked RAM over the bus) */
+    int host_alloc_readable;
     void (*destroy)(mf_backend *b);
     /* Grows the backend's scratch to serve calls within lim (never shrinks). */
     mf_status (*reserve)(mf_backend *b, const mf_backend_limits *lim);

@@ -15,6 +15,7 @@ typedef struct slot {
     int layer;          /* -1: empty */
     int32_t id;
     int pins;
+    int pending;        /* host-read mode: filled, its table entry set once the upload finished */
     uint64_t last_use;
 } slot;
 
@@ -41,7 +42,18 @@ struct dev_cache {
     /* host blobs whose upload_async is in flight: kept pinned in the store until it finishes */
     struct pending { int layer; int32_t id; uint64_t ticket; } *pend;
     int n_pend, cap_pend;
+    /* host-read mode (dev_cache_map_host): every blob pinned in the host store, and the table
+     * points each expert that is not in a slot at that host copy, which the backend reads in
+     * place; slots are filled by dev_cache_note_uses and enter the table once their upload
+     * finished (act) */
+    const void **host_blob; /* [n_layers][max_experts] or NULL */
+    struct act { int slot; uint64_t ticket; } *act;
+    int n_act, cap_act;
+    int unfenced;       /* an entry points at a slot whose upload no fence has covered yet */
 };
+
+static void activate_done(dev_cache *c);
+static void unmap_host(dev_cache *c);
 
 static double now_s(void) {
     struct timespec ts;
@@ -112,6 +124,8 @@ static void release_uploaded(dev_cache *c, int wait) {
 void dev_cache_close(dev_cache *c) {
     if (!c) return;
     release_uploaded(c, 1);
+    unmap_host(c);
+    free(c->act);
     free(c->pend);
     for (int i = 0; c->slots && i < c->n_alloc; i++) c->be->ops->free(c->be, c->slots[i].mem);
     free(c->slots);
@@ -168,12 +182,22 @@ static void send_row(dev_cache *c, int layer) {
 }
 
 void dev_cache_send_tables(dev_cache *c) {
+    activate_done(c);
     for (int l = 0; l < c->L->hp.n_layers; l++) send_row(c, l);
+    if (c->unfenced) c->be->ops->upload_fence(c->be); /* ops replayed next read those slots */
+    c->unfenced = 0;
+}
+
+/* The table entry of (layer, id) when it holds no slot: its host copy in host-read mode, else
+ * none. */
+static void *absent_entry(const dev_cache *c, int layer, int32_t id) {
+    return c->host_blob ? (void *)c->host_blob[(size_t)layer * c->max_experts + id] : NULL;
 }
 
 /* A free or evictable slot, never one of `keep` (ids of this layer wanted now); -1 if none.
+ * A victim is taken only when its key is below `below` (KEY_KEEP: any unpinned slot).
  * The slot returned is empty until fill puts an expert in it. */
-static int find_slot(dev_cache *c, int layer, const int32_t *keep, int n_keep) {
+static int find_slot(dev_cache *c, int layer, const int32_t *keep, int n_keep, uint64_t below) {
     if (c->n_empty)
         for (int i = 0; i < c->n_alloc; i++)
             if (c->slots[i].layer < 0) return i;
@@ -195,7 +219,7 @@ static int find_slot(dev_cache *c, int layer, const int32_t *keep, int n_keep) {
         if (j >= 0) c->key[j] |= KEY_KEEP;
     }
     int best = -1;
-    uint64_t best_key = KEY_KEEP;
+    uint64_t best_key = below < KEY_KEEP ? below : KEY_KEEP;
     for (int i = 0; i < c->n_alloc; i++)
         if (c->key[i] < best_key) {
             best_key = c->key[i];
@@ -208,7 +232,7 @@ static int find_slot(dev_cache *c, int layer, const int32_t *keep, int n_keep) {
     if (best >= 0) {
         slot *s = &c->slots[best];
         c->index[(size_t)s->layer * c->max_experts + s->id] = -1;
-        set_entry(c, s->layer, s->id, NULL);
+        set_entry(c, s->layer, s->id, absent_entry(c, s->layer, s->id));
         c->resident[s->layer]--;
         s->layer = -1;
         c->key[best] = KEY_PINNED;
@@ -221,8 +245,9 @@ static int find_slot(dev_cache *c, int layer, const int32_t *keep, int n_keep) {
 
 /* Starts the upload of (layer, id) into slot i on the backend's copy stream; the host blob
  * stays pinned until the copy finished (release_uploaded). Readers wait for it through
- * upload_fence (dev_cache_get). */
-static mf_status fill(dev_cache *c, int i, int layer, int32_t id, mf_err *err) {
+ * upload_fence (dev_cache_get), or, deferred, the table keeps the host copy until the upload
+ * finished (activate_done) and the slot stays pinned until then. */
+static mf_status fill(dev_cache *c, int i, int layer, int32_t id, int deferred, mf_err *err) {
     const void *hb;
     mf_status st = expert_store_get(c->host, layer, id, &hb, err);
     if (st == MF_ERR_NOMEM && c->n_pend) {
@@ -253,11 +278,31 @@ static mf_status fill(dev_cache *c, int i, int layer, int32_t id, mf_err *err) {
     s->layer = layer;
     s->id = id;
     s->pins = 0;
+    s->pending = 0;
     s->last_use = ++c->clock;
+    if (deferred && ticket) {
+        if (c->n_act == c->cap_act) {
+            int cap = c->cap_act ? 2 * c->cap_act : 64;
+            void *na = realloc(c->act, sizeof *c->act * (size_t)cap);
+            if (!na) {
+                c->be->ops->sync(c->be); /* no room to remember it: wait for it instead */
+                ticket = 0;
+            } else {
+                c->act = na;
+                c->cap_act = cap;
+            }
+        }
+        if (ticket) {
+            c->act[c->n_act++] = (struct act){i, ticket};
+            s->pins = 1;
+            s->pending = 1;
+        }
+    }
     c->n_empty--;
     slot_key(c, i);
     c->index[(size_t)layer * c->max_experts + id] = i;
-    set_entry(c, layer, id, s->mem);
+    if (!s->pending) set_entry(c, layer, id, s->mem);
+    if (!s->pending && ticket) c->unfenced = 1;
     c->resident[layer]++;
     c->st.resident_bytes += c->slot_bytes;
     if (c->st.resident_bytes > c->st.peak_bytes) c->st.peak_bytes = c->st.resident_bytes;
@@ -278,15 +323,27 @@ mf_status dev_cache_prefetch(dev_cache *c, int layer, const int32_t *ids, int n,
     if ((st = expert_store_prefetch(c->host, layer, missing, nm, err))) return st;
     for (int k = 0; k < nm; k++) {
         if (c->index[(size_t)layer * c->max_experts + missing[k]] >= 0) continue; /* an id given twice */
-        int i = find_slot(c, layer, ids, n);
+        int i = find_slot(c, layer, ids, n, KEY_KEEP);
         if (i < 0) break; /* the budget holds no more */
-        if ((st = fill(c, i, layer, missing[k], err))) return st;
+        if ((st = fill(c, i, layer, missing[k], 0, err))) return st;
         c->st.misses++;
         c->slots[i].last_use = 0; /* counted as a miss now; its get is then not a hit */
         c->slots[i].pins = 0;
         slot_key(c, i);
     }
     return MF_OK;
+}
+
+/* One more use of (layer, id), whose slot is i (-1: none); every age_every uses the counts halve. */
+static void count_use(dev_cache *c, int layer, int32_t id, int i) {
+    uint32_t *u = &c->uses[(size_t)layer * c->max_experts + id];
+    if (*u < UINT32_MAX) (*u)++;
+    if (++c->gets % c->age_every == 0) {
+        for (size_t k = 0; k < (size_t)c->L->hp.n_layers * (size_t)c->max_experts; k++) c->uses[k] >>= 1;
+        for (int k = 0; k < c->n_alloc; k++) slot_key(c, k);
+    } else if (i >= 0) {
+        slot_key(c, i);
+    }
 }
 
 mf_status dev_cache_get(dev_cache *c, int layer, int32_t id, const void **blob, mf_err *err) {
@@ -297,33 +354,33 @@ mf_status dev_cache_get(dev_cache *c, int layer, int32_t id, const void **blob, 
     if (i >= 0) {
         if (c->slots[i].last_use) c->st.hits++;
     } else {
-        i = find_slot(c, layer, NULL, 0);
+        i = find_slot(c, layer, NULL, 0, KEY_KEEP);
+        if (i < 0 && c->n_act) {
+            /* the slots are held by host-read uploads in flight: let them finish */
+            c->be->ops->sync(c->be);
+            activate_done(c);
+            i = find_slot(c, layer, NULL, 0, KEY_KEEP);
+        }
         if (i < 0)
             return err_set(err, MF_ERR_NOMEM, "device expert cache: every slot is pinned (layer %d expert %d)",
                            layer, id);
-        if ((st = fill(c, i, layer, id, err))) return st;
+        if ((st = fill(c, i, layer, id, 0, err))) return st;
         c->st.misses++;
     }
     slot *s = &c->slots[i];
     s->pins++;
     s->last_use = ++c->clock;
-    uint32_t *u = &c->uses[(size_t)layer * c->max_experts + id];
-    if (*u < UINT32_MAX) (*u)++;
-    if (++c->gets % c->age_every == 0) {
-        for (size_t k = 0; k < (size_t)c->L->hp.n_layers * (size_t)c->max_experts; k++) c->uses[k] >>= 1;
-        for (int k = 0; k < c->n_alloc; k++) slot_key(c, k);
-    } else {
-        slot_key(c, i);
-    }
+    count_use(c, layer, id, i);
     *blob = s->mem;
     c->be->ops->upload_fence(c->be); /* ops issued from now on see its bytes */
+    c->unfenced = 0;
     return MF_OK;
 }
 
 void dev_cache_release(dev_cache *c, int layer, int32_t id) {
     if (layer < 0 || layer >= c->L->hp.n_layers || id < 0 || id >= c->max_experts) return;
     int i = c->index[(size_t)layer * c->max_experts + id];
-    if (i >= 0 && c->slots[i].pins > 0 && !--c->slots[i].pins) slot_key(c, i);
+    if (i >= 0 && c->slots[i].pins > c->slots[i].pending && !--c->slots[i].pins) slot_key(c, i);
 }
 
 int dev_cache_slots(const dev_cache *c) { return c->n_slots; }
@@ -361,10 +418,117 @@ int dev_cache_layer_resident(const dev_cache *c, int layer) {
            c->resident[layer] == c->L->expert_layers[c->layer_row[layer]].count;
 }
 
+int dev_cache_layer_ready(const dev_cache *c, int layer) {
+    return dev_cache_layer_resident(c, layer) ||
+           (c->host_blob && layer >= 0 && layer < c->L->hp.n_layers && c->layer_row[layer] >= 0);
+}
+
 const void *const *dev_cache_table(dev_cache *c, int layer) {
-    send_row(c, layer);
-    c->be->ops->upload_fence(c->be); /* the ops that read the table see the blobs' bytes */
+    send_row(c, layer); /* may be recording: no queries of uploads here */
+    /* the ops that read the table see the blobs' bytes (slots filled for host reads enter the
+     * table only once their upload finished, and need no fence) */
+    if (c->unfenced || !c->host_blob) c->be->ops->upload_fence(c->be);
+    c->unfenced = 0;
     return (const void *const *)(c->table + (size_t)layer * c->max_experts);
+}
+
+int dev_cache_host_mapped(const dev_cache *c) { return c->host_blob != NULL; }
+
+/* Drops the host-read pins (every blob's first pin in the store). */
+static void unmap_host(dev_cache *c) {
+    if (!c->host_blob) return;
+    for (int m = 0; m < c->L->n_expert_layers; m++) {
+        const mfpack_expert_layer *E = &c->L->expert_layers[m];
+        for (int e = 0; e < E->count; e++) {
+            const size_t at = (size_t)E->layer * c->max_experts + e;
+            if (c->host_blob[at]) expert_store_release(c->host, E->layer, e);
+            if (c->index[at] < 0) set_entry(c, E->layer, e, NULL);
+        }
+    }
+    free(c->host_blob);
+    c->host_blob = NULL;
+}
+
+mf_status dev_cache_map_host(dev_cache *c, mf_err *err) {
+    if (c->host_blob) return MF_OK;
+    const mfpack_layout *L = c->L;
+    expert_stats hs;
+    expert_store_stats(c->host, &hs);
+    uint64_t need = 0;
+    for (int m = 0; m < L->n_expert_layers; m++) need += (uint64_t)L->expert_layers[m].count;
+    if (!need || !hs.slot_bytes || hs.budget_bytes / hs.slot_bytes < need) return MF_OK; /* not all fit */
+    c->host_blob = calloc((size_t)L->hp.n_layers * (size_t)c->max_experts, sizeof *c->host_blob);
+    if (!c->host_blob) return err_set(err, MF_ERR_NOMEM, "out of memory for the host-read table");
+    int32_t ids[64];
+    for (int m = 0; m < L->n_expert_layers; m++) {
+        const mfpack_expert_layer *E = &L->expert_layers[m];
+        for (int e0 = 0; e0 < E->count; e0 += 64) {
+            const int n = E->count - e0 < 64 ? E->count - e0 : 64;
+            for (int k = 0; k < n; k++) ids[k] = e0 + k;
+            /* parallel reads, then one pin each that lasts until dev_cache_close */
+            mf_status st = expert_store_prefetch(c->host, E->layer, ids, n, err);
+            for (int k = 0; !st && k < n; k++) {
+                const size_t at = (size_t)E->layer * c->max_experts + ids[k];
+                st = expert_store_get(c->host, E->layer, ids[k], &c->host_blob[at], err);
+                if (!st && c->index[at] < 0) set_entry(c, E->layer, ids[k], (void *)c->host_blob[at]);
+            }
+            if (st) {
+                unmap_host(c);
+                return st;
+            }
+        }
+    }
+    return MF_OK;
+}
+
+/* Host-read mode: slots whose upload finished enter the table (their rows go with the next send). */
+static void activate_done(dev_cache *c) {
+    for (int k = 0; k < c->n_act;) {
+        if (!c->be->ops->upload_done(c->be, c->act[k].ticket)) {
+            k++;
+            continue;
+        }
+        slot *s = &c->slots[c->act[k].slot];
+        s->pending = 0;
+        s->pins--;
+        slot_key(c, c->act[k].slot);
+        set_entry(c, s->layer, s->id, s->mem);
+        c->act[k] = c->act[--c->n_act];
+    }
+}
+
+void dev_cache_note_uses(dev_cache *c, int layer, const int32_t *ids, int n) {
+    if (!c->host_blob || layer < 0 || layer >= c->L->hp.n_layers || c->layer_row[layer] < 0) return;
+    const mfpack_expert_layer *E = &c->L->expert_layers[c->layer_row[layer]];
+    const uint64_t payload = mfpack_expert_payload(E);
+    release_uploaded(c, 0);
+    activate_done(c);
+    for (int k = 0; k < n; k++) {
+        const int32_t id = ids[k];
+        if (id < 0 || id >= E->count) continue;
+        int i = c->index[(size_t)layer * c->max_experts + id];
+        if (i >= 0 && !c->slots[i].pending) {
+            c->st.hits++;
+            c->slots[i].last_use = ++c->clock;
+            count_use(c, layer, id, i);
+            continue;
+        }
+        /* read in place this time */
+        c->st.misses++;
+        c->st.host_reads++;
+        c->st.bytes_read_in_place += payload;
+        count_use(c, layer, id, i);
+        if (i >= 0) continue; /* its upload is under way */
+        /* a slot for it when one is free, or when the least used slot has had fewer uses of late */
+        uint64_t u = c->uses[(size_t)layer * c->max_experts + id];
+        if (u > KEY_USES_MAX) u = KEY_USES_MAX;
+        i = find_slot(c, layer, &id, 1, u << 40);
+        mf_err ignored;
+        if (i >= 0 && fill(c, i, layer, id, 1, &ignored) != MF_OK) {
+            c->key[i] = KEY_PINNED; /* stays empty */
+            continue;
+        }
+    }
 }
 
 void dev_cache_stats_get(const dev_cache *c, dev_cache_stats *st) { *st = c->st; }

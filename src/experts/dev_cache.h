@@ -15,6 +15,7 @@ typedef struct dev_cache dev_cache;
 typedef struct dev_cache_stats {
     uint64_t hits, misses, evictions;
     uint64_t bytes_uploaded;
+    uint64_t host_reads, bytes_read_in_place; /* host-read mode: misses computed from host RAM */
     double upload_seconds;
     uint64_t budget_bytes, resident_bytes, peak_bytes;
 } dev_cache_stats;
@@ -40,11 +41,31 @@ int dev_cache_holds_all(const dev_cache *c);
 mf_status dev_cache_preload(dev_cache *c, mf_err *err);
 /* Whether every expert of layer is resident now (then its table entries are all set). */
 int dev_cache_layer_resident(const dev_cache *c, int layer);
+/* Whether every entry of layer's table is set: all resident, or host-read mode. */
+int dev_cache_layer_ready(const dev_cache *c, int layer);
+
+/* Host-read mode, for a backend whose ops can read host_alloc memory in place (a GPU reading
+ * page-locked RAM over the bus) and a host store whose slots come from host_alloc: when the
+ * store's budget holds every expert, reads them all into it and pins them until
+ * dev_cache_close; the table then points each expert that has no slot at its host copy, so an op
+ * can compute any expert without waiting for an upload. Does nothing (MF_OK) when the store
+ * cannot hold them all; fails on a failed read, leaving the mode off. */
+mf_status dev_cache_map_host(dev_cache *c, mf_err *err);
+int dev_cache_host_mapped(const dev_cache *c);
+/* Host-read mode: the experts a step computed in layer (the router's choice, after the step
+ * ran): counts hits and in-place reads, and gives a slot to a missed expert when one is free
+ * or when it has been used more of late than the least used unpinned slot (whose expert goes
+ * back to its host copy). Its upload runs on the copy stream, and its table entry switches to
+ * the slot only once the upload finished (seen at a later call or table read), so nothing
+ * waits for it. Ops already issued may still read the evicted slot: the upload starts after
+ * them. */
+void dev_cache_note_uses(dev_cache *c, int layer, const int32_t *ids, int n);
 /* The layer's table in backend memory: [n_experts] backend pointers to resident blobs (NULL
- * for absent experts); a row that changed since it was last read is uploaded first (an op on
- * the compute stream). Fences like dev_cache_get. */
+ * for absent experts, or their host copies in host-read mode); a row that changed since it was
+ * last read is uploaded first (an op on the compute stream). Fences like dev_cache_get. */
 const void *const *dev_cache_table(dev_cache *c, int layer);
-/* Uploads every changed row of the tables now (before recording ops that read them). */
+/* Uploads every changed row of the tables now (before recording or replaying ops that read
+ * them), with the slots whose host-read uploads finished, and fences like dev_cache_get. */
 void dev_cache_send_tables(dev_cache *c);
 void dev_cache_stats_get(const dev_cache *c, dev_cache_stats *st);
 void dev_cache_reset_stats(dev_cache *c);

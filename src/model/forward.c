@@ -137,10 +137,6 @@ static void expert_layout(const mfpack_expert_layer *EL, mf_expert_layout *lay) 
     lay->hidden = EL->parts[0].cols;
 }
 
-/* Up to this many tokens the routed experts run as one fused op (moe_experts); a larger
- * prefill chunk groups tokens per expert so each expert is read once for the chunk. */
-#define FUSED_MAX_TOKENS 8
-
 /* The shared expert's output (before its gate) into big4; big2, big3 scratch. */
 static void shared_expert_out(mf_session *s, const layer_weights *lw, int n) {
     mf_backend *be = s->m->be;
@@ -175,7 +171,7 @@ static int moe_route(mf_session *s, int l, int n) {
 static int moe_streamed(const mf_session *s, int l, int n) {
     const mf_model *m = s->m;
     return m->file.L.hp.layer_moe[l] &&
-           !(n <= FUSED_MAX_TOKENS && m->dcache && dev_cache_layer_resident(m->dcache, l));
+           !(n <= FUSED_MAX_TOKENS && m->dcache && dev_cache_layer_ready(m->dcache, l));
 }
 
 /* routed: moe_route already ran for this step (in the layer's recorded piece). */
@@ -190,8 +186,10 @@ static mf_status moe_block(mf_session *s, int l, int n, int routed) {
     mf_expert_layout lay;
     expert_layout(EL, &lay);
     MARK(other);
-    /* every expert of the layer in backend memory: the choice never leaves the device */
-    if (n <= FUSED_MAX_TOKENS && m->dcache && dev_cache_layer_resident(m->dcache, l)) {
+    /* every expert of the layer in backend memory, or readable in host memory where it is not:
+     * the choice never leaves the device during the step */
+    if (n <= FUSED_MAX_TOKENS && m->dcache && dev_cache_layer_ready(m->dcache, l)) {
+        int32_t *ids = s->d_route_log + (int64_t)l * FUSED_MAX_TOKENS * K;
         /* the shared expert runs beside the routed ones where the backend has branches (and
          * after them when profiling, so that each phase is timed alone) */
         const int branch = lw->has_shared && OPS->branch_begin && !s->profile;
@@ -204,9 +202,11 @@ static mf_status moe_block(mf_session *s, int l, int n, int routed) {
         const mf_wmat proj[2] = {lw->router, lw->sh_gate_w};
         float *const out[2] = {s->small1, s->small2};
         OPS->matmul_multi(be, lw->has_shared ? 2 : 1, proj, s->h, n, out);
-        OPS->router_topk(be, s->small1, n, E, K, hp->norm_topk_prob, s->d_topk_ids, s->d_topk_w);
+        OPS->router_topk(be, s->small1, n, E, K, hp->norm_topk_prob, ids, s->d_topk_w);
         MARK(router);
-        OPS->moe_experts(be, s->h, s->d_topk_ids, s->d_topk_w, n, K, dev_cache_table(m->dcache, l), &lay, s->y);
+        OPS->moe_experts(be, s->h, ids, s->d_topk_w, n, K, dev_cache_table(m->dcache, l), &lay, s->y);
+        /* the device cache learns the choice after the step (route_log_flush) */
+        if (dev_cache_host_mapped(m->dcache)) s->log_n = n;
         if (branch) OPS->branch_join(be);
         else if (lw->has_shared) shared_expert_out(s, lw, n);
         if (lw->has_shared) OPS->add_gated(be, s->y, s->big4, s->small2, n, H);
@@ -396,7 +396,7 @@ static int graph_eligible(const mf_session *s, int n) {
     const mf_hparams *hp = &m->file.L.hp;
     if (n != 1 || !OPS->graph_begin || s->profile || !s->use_graph) return 0;
     for (int l = 0; l < hp->n_layers; l++)
-        if (hp->layer_moe[l] && !(m->dcache && dev_cache_layer_resident(m->dcache, l))) return 0;
+        if (hp->layer_moe[l] && !(m->dcache && dev_cache_layer_ready(m->dcache, l))) return 0;
     return 1;
 }
 
@@ -421,11 +421,27 @@ static mf_status graph_record(mf_session *s) {
     return MF_OK;
 }
 
+/* Host-read mode: hands the device cache the choices of the last step that ran its experts as
+ * one op (the step has finished: its outputs came back), so that it can give slots to the
+ * experts read from host memory, and sends the table rows that changed. */
+static void route_log_flush(mf_session *s) {
+    mf_model *m = s->m;
+    const mf_hparams *hp = &m->file.L.hp;
+    if (!s->log_n || !m->dcache) return;
+    const int64_t row = (int64_t)FUSED_MAX_TOKENS * hp->top_k;
+    OPS->download(m->be, s->route_log, s->d_route_log, sizeof(int32_t) * (size_t)(hp->n_layers * row));
+    for (int l = 0; l < hp->n_layers; l++)
+        if (hp->layer_moe[l]) dev_cache_note_uses(m->dcache, l, s->route_log + l * row, s->log_n * hp->top_k);
+    s->log_n = 0;
+    dev_cache_send_tables(m->dcache);
+}
+
 mf_status forward_chunk(mf_session *s, const int32_t *tokens, int n, float *logits, int all_logits, int32_t *next) {
     mf_model *m = s->m;
     const mf_hparams *hp = &m->file.L.hp;
     mf_backend *be = m->be;
     int64_t V = hp->vocab;
+    route_log_flush(s);
     for (int t = 0; t < n; t++) {
         if (tokens[t] < 0 || tokens[t] >= hp->vocab)
             return err_set(&s->err, MF_ERR_ARG, "token %d at position %d is outside the vocabulary (%d)",
@@ -439,7 +455,10 @@ mf_status forward_chunk(mf_session *s, const int32_t *tokens, int n, float *logi
     if (want_out && graph_eligible(s, n)) {
         mf_status st = s->graph ? MF_OK : graph_record(s);
         if (st) return st;
+        /* the tables as the replay must read them (changed rows, uploads since the last fence) */
+        if (m->dcache) dev_cache_send_tables(m->dcache);
         OPS->graph_launch(be, s->graph);
+        if (m->dcache && dev_cache_host_mapped(m->dcache)) s->log_n = n; /* route_log_flush takes it next step */
         if (logits) OPS->download(be, logits, s->d_logits, sizeof(float) * (size_t)V);
     } else {
         s->attn_ctx = s->pos + n;

@@ -174,6 +174,9 @@ mf_status mf_model_load(mf_model *m, const mf_engine_options *o) {
         st = dev_cache_open(&m->dcache, m->be, m->store, &m->file.L, budget, &m->err);
         /* when every expert fits, load them all now: decoding then never waits on the host */
         if (!st && !m->opt.no_preload && dev_cache_holds_all(m->dcache)) st = dev_cache_preload(m->dcache, &m->err);
+        /* else, when host RAM holds them all, the GPU reads those it lacks from there */
+        else if (!st && !m->opt.no_preload && !m->opt.no_host_reads && m->slots && m->be->ops->host_alloc_readable)
+            st = dev_cache_map_host(m->dcache, &m->err);
     }
     if (st) {
         unload(m);
@@ -286,6 +289,8 @@ void mf_model_expert_stats(const mf_model *m, mf_expert_stats *out) {
         out->gpu_misses = d.misses;
         out->gpu_evictions = d.evictions;
         out->gpu_bytes_uploaded = d.bytes_uploaded;
+        out->gpu_host_reads = d.host_reads;
+        out->gpu_bytes_read_in_place = d.bytes_read_in_place;
         out->gpu_upload_seconds = d.upload_seconds;
         out->gpu_budget_bytes = d.budget_bytes;
         out->gpu_peak_bytes = d.peak_bytes;

@@ -95,6 +95,11 @@ struct mf_session {
     int32_t *d_pred_ids;       /* backend memory [chunk][top_k] the next layer's predicted choice (view) */
     float *d_pred_w;           /* backend memory [chunk][top_k] */
     int32_t *d_next;           /* backend memory [1] the greedy choice after the last token */
+    int32_t *d_route_log;      /* backend memory [n_layers][FUSED_MAX_TOKENS][top_k]: each layer's
+                                  choice in a step whose experts run as one op */
+    int32_t *route_log;        /* host copy of d_route_log */
+    int log_n;                 /* tokens of the step whose choices d_route_log holds for the
+                                  device cache (host-read mode), 0: none pending */
     int keep_logits;           /* forward_chunk leaves the last token's logits in d_logits */
     float *logits_host;        /* host [vocab] for sampling on the host, allocated on first use */
     int64_t attn_ctx;          /* context bound the attention ops of this step are sized for */
@@ -104,6 +109,10 @@ struct mf_session {
                                   and the next layer's prediction, recorded for one token, or NULL */
     int pieces_off;            /* recording a piece failed once: issue those ops directly */
 };
+
+/* Up to this many tokens the routed experts run as one fused op (moe_experts); a larger
+ * prefill chunk groups tokens per expert so each expert is read once for the chunk. */
+#define FUSED_MAX_TOKENS 8
 
 /* Profiling: closes the current phase (waiting for the backend first) and charges it to *acc. */
 void prof_mark(mf_session *s, double *acc);

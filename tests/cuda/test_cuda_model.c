@@ -13,26 +13,30 @@
 
 TestSuite(cuda_model, .init = th_tmp_setup, .fini = th_tmp_teardown, .timeout = 300);
 
-/* use_cuda: gpu_cache bytes of GPU expert cache (0: default). */
-static mf_model *load(const char *path, int use_cuda, uint64_t gpu_cache) {
+/* use_cuda: gpu_cache bytes of GPU expert cache (0: default); no_host_reads: every expert the
+ * GPU computes is uploaded into its cache first. */
+static mf_model *load(const char *path, int use_cuda, uint64_t gpu_cache, int no_host_reads) {
     mf_engine_options eo;
     mf_engine_options_init(&eo);
     eo.use_cuda = use_cuda;
     eo.gpu_cache_bytes = gpu_cache;
+    eo.no_host_reads = no_host_reads;
     eo.n_threads = 2;
     return th_load(path, &eo);
 }
 
 /* Lossless conversion on the GPU reproduces transformers: logits within 1e-2 at every prompt
  * position (prefill through the tiled matmul, chunk 64; and through 5-token chunks, the GEMV),
- * the same greedy continuation (decode steps), for a cache of every expert and of one slot. */
+ * the same greedy continuation (decode steps), for a cache of every expert, and for one of a
+ * single slot both with the experts it lacks read from host RAM in place (the default when RAM
+ * holds them all) and uploaded into it first. */
 static void check_fixture(const char *fixture) {
     th_ref r;
     th_ref_load(&r, fixture);
     char *path = th_convert(fixture, NULL, NULL);
-    const uint64_t caches[2] = {(uint64_t)1 << 30, 1};
-    for (int ci = 0; ci < 2; ci++) {
-        mf_model *m = load(path, 1, caches[ci]);
+    const uint64_t caches[3] = {(uint64_t)1 << 30, 1, 1};
+    for (int ci = 0; ci < 3; ci++) {
+        mf_model *m = load(path, 1, caches[ci], ci == 2);
         int V = mf_model_vocab(m);
         cr_assert_eq(V, r.vocab);
         for (int chunk = 64; chunk >= 5; chunk -= 59) {
@@ -58,7 +62,10 @@ static void check_fixture(const char *fixture) {
         cr_log_info("%s gpu cache %llu: %llu hits, %llu misses, %llu evictions", fixture,
                     (unsigned long long)caches[ci], (unsigned long long)st.gpu_hits,
                     (unsigned long long)st.gpu_misses, (unsigned long long)st.gpu_evictions);
-        if (ci == 1) cr_assert_gt(st.gpu_evictions, 0, "a one-slot GPU cache must evict");
+        if (ci >= 1) cr_assert_gt(st.gpu_evictions, 0, "a one-slot GPU cache must evict");
+        /* the decode steps of the default one-slot run computed experts from host RAM */
+        if (ci == 1) cr_assert_gt(st.gpu_host_reads, 0, "%s: no expert was read in place", fixture);
+        if (ci != 1) cr_assert_eq(st.gpu_host_reads, 0);
         cr_assert_leq(st.gpu_peak_bytes, st.gpu_budget_bytes);
         mf_model_free(m);
     }
@@ -80,7 +87,7 @@ static void check_quantized(const char *fixture, const char *experts, const char
     th_ref r;
     th_ref_load(&r, fixture);
     char *path = th_convert(fixture, experts, dense);
-    mf_model *mc = load(path, 0, 0), *mg = load(path, 1, 1 << 20);
+    mf_model *mc = load(path, 0, 0, 0), *mg = load(path, 1, 1 << 20, 0);
     int V = mf_model_vocab(mc);
     mf_session *sc = th_session(mc, 64), *sg = th_session(mg, 64);
     float *lc = th_eval_all(sc, r.prompt, r.n_prompt, V), *lgp = th_eval_all(sg, r.prompt, r.n_prompt, V);

@@ -678,6 +678,7 @@ static void *cpu_host_alloc(mf_backend *b, size_t bytes) {
 static const mf_backend_ops cpu_ops = {
     .name = "cpu",
     .host_memory = 1,
+    .host_alloc_readable = 1,
     .destroy = cpu_destroy,
     .reserve = cpu_reserve,
     .alloc = cpu_alloc,

@@ -135,7 +135,7 @@ static void *cb_host_alloc(mf_backend *b, size_t bytes) {
     cuda_backend *c = cb_of(b);
     if (c->failed) return NULL;
     void *p = NULL;
-    if (cudaHostAlloc(&p, bytes ? bytes : 1, cudaHostAllocPortable) != cudaSuccess) {
+    if (cudaHostAlloc(&p, bytes ? bytes : 1, cudaHostAllocPortable | cudaHostAllocMapped) != cudaSuccess) {
         cudaGetLastError(); /* out of page-locked memory is an answer, not a sticky failure */
         return NULL;
     }
@@ -362,6 +362,7 @@ static void cb_graph_free(mf_backend *b, void *graph) {
 static const mf_backend_ops cuda_ops = {
     /* .name = */ "cuda",
     /* .host_memory = */ 0,
+    /* .host_alloc_readable = */ 1, /* page-locked memory is mapped at the same address (UVA) */
     /* .destroy = */ cb_destroy,
     /* .reserve = */ cb_reserve,
     /* .alloc = */ cb_alloc,
@@ -434,6 +435,13 @@ extern "C" mf_backend *cuda_backend_create(int device, mf_err *err) {
     if ((e = cudaSetDevice(device)) != cudaSuccess || (e = cudaGetDeviceProperties(&prop, device)) != cudaSuccess) {
         cudaGetLastError();
         err_set(err, MF_ERR_UNSUPPORTED, "CUDA device %d: %s", device, cudaGetErrorString(e));
+        return NULL;
+    }
+    /* kernels read page-locked host memory at its host address (host_alloc_readable) */
+    int uva = 0;
+    if (cudaDeviceGetAttribute(&uva, cudaDevAttrUnifiedAddressing, device) != cudaSuccess || !uva) {
+        cudaGetLastError();
+        err_set(err, MF_ERR_UNSUPPORTED, "CUDA device %d (%s) lacks unified addressing", device, prop.name);
         return NULL;
     }
     cuda_backend *c = (cuda_backend *)calloc(1, sizeof *c);
