@@ -145,7 +145,7 @@ typedef struct mf_expert_stats {
     uint64_t budget_bytes, resident_bytes, peak_bytes;
     /* device tier (GPU memory), zero on the CPU backend */
     uint64_t gpu_hits, gpu_misses, gpu_evictions, gpu_bytes_uploaded;
-    uint64_t gpu_host_reads, gpu_bytes_read_in_place; /* misses the GPU computed from host RAM */
+    uint64_t gpu_host_reads, gpu_bytes_from_host; /* misses the GPU read in place from host RAM */
     double gpu_upload_seconds;
     uint64_t gpu_budget_bytes, gpu_peak_bytes;
 } mf_expert_stats;

@@ -33,7 +33,7 @@ static void usage_bench(void) {
                     "                     [--seed S]\n"
                     "                     [--cuda] [--gpu-cache-gb G] [--host-cache-gb G] [--threads N]\n"
                     "                     [--io-threads N] [--o-direct] [--chunk N] [--reference] [--no-profile]\n"
-                    "                     [--no-graph] [--no-host-reads]\n");
+                    "                     [--no-graph] [--no-host-reads] [--no-predict]\n");
 }
 
 static double jnum(const cJSON *o, const char *k) {
@@ -95,6 +95,7 @@ int cmd_bench(int argc, char **argv) {
         else if (!strcmp(a, "--no-profile")) profile = 0;
         else if (!strcmp(a, "--no-graph")) so.no_graph = 1;
         else if (!strcmp(a, "--no-host-reads")) eo.no_host_reads = 1;
+        else if (!strcmp(a, "--no-predict")) so.no_predict = 1;
         else if (!strcmp(a, "--o-direct")) eo.o_direct = 1;
         else if (!strcmp(a, "--reference")) eo.reference = 1;
         else if (a[0] == '-' && a[1]) {
@@ -189,11 +190,11 @@ int cmd_bench(int argc, char **argv) {
     double dec_hit = du ? (double)dec.hits / du : 0, pre_hit = pu ? (double)pre.hits / pu : 0;
     double gpu_hit = gu ? (double)dec.gpu_hits / gu : 0;
     /* limits: memory-bound from the bytes a token reads; transfer-bound from the bytes that
-     * actually moved per token (on a GPU uploads and experts read in place from host RAM, both
-     * over the bus; file reads on the CPU) */
+     * actually moved per token (on a GPU uploads and experts read from host RAM, both over the
+     * bus; file reads on the CPU) */
     double bpt = bytes_per_token(info, n_prompt + n_gen / 2.0);
     double mem_limit = dev_gbps > 0 ? dev_gbps * 1e9 / bpt : 0;
-    double gpu_moved = (double)dec.gpu_bytes_uploaded + (double)dec.gpu_bytes_read_in_place;
+    double gpu_moved = (double)dec.gpu_bytes_uploaded + (double)dec.gpu_bytes_from_host;
     double moved = n_gen > 0 ? (eo.use_cuda ? gpu_moved : (double)dec.bytes_read) / n_gen : 0;
     double xfer_gbps = eo.use_cuda ? up_gbps : (dec.read_seconds > 0 ? dec.bytes_read / dec.read_seconds / 1e9 : 0);
     double xfer_limit = moved > 0 && xfer_gbps > 0 ? xfer_gbps * 1e9 / moved : 0;
@@ -207,7 +208,7 @@ int cmd_bench(int argc, char **argv) {
                "\"prefill_expert_hit_rate\": %.4f, \"prefill_bytes_read\": %llu, "
                "\"decode_expert_hit_rate\": %.4f, \"decode_bytes_read\": %llu, \"decode_read_gbps\": %.3f, "
                "\"decode_gpu_hit_rate\": %.4f, \"decode_gpu_bytes_uploaded\": %llu, "
-               "\"decode_gpu_bytes_read_in_place\": %llu, \"gpu_cache_budget_bytes\": %llu, "
+               "\"decode_gpu_bytes_from_host\": %llu, \"gpu_cache_budget_bytes\": %llu, "
                "\"expert_cache_budget_bytes\": %llu, \"expert_cache_peak_bytes\": %llu, \"peak_rss_bytes\": %llu, "
                "\"memory_gbps\": %.2f, \"transfer_gbps\": %.2f, \"bytes_per_token\": %.0f, \"moved_bytes_per_token\": %.0f, "
                "\"memory_bound_tok_s\": %.2f, \"transfer_bound_tok_s\": %.2f, \"fraction_of_memory_bound\": %.4f, "
@@ -216,7 +217,7 @@ int cmd_bench(int argc, char **argv) {
                1e3 * prof.router / ptok, 1e3 * prof.expert_wait / ptok, 1e3 * prof.expert_compute / ptok,
                1e3 * prof.other / ptok, pre_hit, (unsigned long long)pre.bytes_read, dec_hit,
                (unsigned long long)dec.bytes_read, dec.read_seconds > 0 ? dec.bytes_read / dec.read_seconds / 1e9 : 0.0,
-               gpu_hit, (unsigned long long)dec.gpu_bytes_uploaded, (unsigned long long)dec.gpu_bytes_read_in_place,
+               gpu_hit, (unsigned long long)dec.gpu_bytes_uploaded, (unsigned long long)dec.gpu_bytes_from_host,
                (unsigned long long)dec.gpu_budget_bytes,
                (unsigned long long)dec.budget_bytes, (unsigned long long)dec.peak_bytes,
                (unsigned long long)rss, dev_gbps, xfer_gbps, bpt, moved, mem_limit, xfer_limit,
@@ -229,8 +230,8 @@ int cmd_bench(int argc, char **argv) {
         printf("decode   %5d tokens  %8.3f s  %9.2f tok/s  host hit rate %5.1f%%  %.1f MB read", n_gen, t3 - t2, dc,
                100 * dec_hit, dec.bytes_read / 1e6);
         if (eo.use_cuda)
-            printf("  gpu hit rate %5.1f%%  %.1f MB uploaded  %.1f MB read in place", 100 * gpu_hit,
-                   dec.gpu_bytes_uploaded / 1e6, dec.gpu_bytes_read_in_place / 1e6);
+            printf("  gpu hit rate %5.1f%%  %.1f MB uploaded  %.1f MB read from host RAM", 100 * gpu_hit,
+                   dec.gpu_bytes_uploaded / 1e6, dec.gpu_bytes_from_host / 1e6);
         printf("\n");
         if (prof.tokens)
             printf("decode split, ms/token: mixer %.3f  router %.3f  expert wait %.3f  expert compute %.3f  other %.3f\n",

@@ -49,11 +49,14 @@ struct dev_cache {
     const void **host_blob; /* [n_layers][max_experts] or NULL */
     struct act { int slot; uint64_t ticket; } *act;
     int n_act, cap_act;
+    struct cand { int layer; int32_t id; } *cand; /* noted misses, given slots by promote */
+    int n_cand, cap_cand;
     int unfenced;       /* an entry points at a slot whose upload no fence has covered yet */
 };
 
 static void activate_done(dev_cache *c);
 static void unmap_host(dev_cache *c);
+static void promote(dev_cache *c);
 
 static double now_s(void) {
     struct timespec ts;
@@ -126,6 +129,7 @@ void dev_cache_close(dev_cache *c) {
     release_uploaded(c, 1);
     unmap_host(c);
     free(c->act);
+    free(c->cand);
     free(c->pend);
     for (int i = 0; c->slots && i < c->n_alloc; i++) c->be->ops->free(c->be, c->slots[i].mem);
     free(c->slots);
@@ -182,6 +186,7 @@ static void send_row(dev_cache *c, int layer) {
 }
 
 void dev_cache_send_tables(dev_cache *c) {
+    promote(c);
     activate_done(c);
     for (int l = 0; l < c->L->hp.n_layers; l++) send_row(c, l);
     if (c->unfenced) c->be->ops->upload_fence(c->be); /* ops replayed next read those slots */
@@ -497,38 +502,57 @@ static void activate_done(dev_cache *c) {
     }
 }
 
+/* Whether ops replayed now read (layer, id) from its slot: resident, its upload finished. */
+static int active(const dev_cache *c, int layer, int32_t id) {
+    const int i = c->index[(size_t)layer * c->max_experts + id];
+    return i >= 0 && !c->slots[i].pending;
+}
+
 void dev_cache_note_uses(dev_cache *c, int layer, const int32_t *ids, int n) {
     if (!c->host_blob || layer < 0 || layer >= c->L->hp.n_layers || c->layer_row[layer] < 0) return;
     const mfpack_expert_layer *E = &c->L->expert_layers[c->layer_row[layer]];
     const uint64_t payload = mfpack_expert_payload(E);
-    release_uploaded(c, 0);
-    activate_done(c);
     for (int k = 0; k < n; k++) {
         const int32_t id = ids[k];
         if (id < 0 || id >= E->count) continue;
-        int i = c->index[(size_t)layer * c->max_experts + id];
-        if (i >= 0 && !c->slots[i].pending) {
+        const int i = c->index[(size_t)layer * c->max_experts + id];
+        if (active(c, layer, id)) {
             c->st.hits++;
             c->slots[i].last_use = ++c->clock;
             count_use(c, layer, id, i);
             continue;
         }
-        /* read in place this time */
-        c->st.misses++;
+        c->st.misses++; /* read in place */
         c->st.host_reads++;
-        c->st.bytes_read_in_place += payload;
+        c->st.bytes_from_host += payload;
         count_use(c, layer, id, i);
         if (i >= 0) continue; /* its upload is under way */
-        /* a slot for it when one is free, or when the least used slot has had fewer uses of late */
+        if (c->n_cand == c->cap_cand) {
+            int cap = c->cap_cand ? 2 * c->cap_cand : 256;
+            void *nc = realloc(c->cand, sizeof *c->cand * (size_t)cap);
+            if (!nc) continue; /* it may get a slot another time */
+            c->cand = nc;
+            c->cap_cand = cap;
+        }
+        c->cand[c->n_cand++] = (struct cand){layer, id};
+    }
+}
+
+/* Host-read mode: a slot for each expert noted missing, in the order noted, when one is free or
+ * when the least used unpinned slot has had fewer uses of late; its upload starts now. */
+static void promote(dev_cache *c) {
+    release_uploaded(c, 0);
+    for (int k = 0; k < c->n_cand; k++) {
+        const int layer = c->cand[k].layer;
+        int32_t id = c->cand[k].id;
+        if (c->index[(size_t)layer * c->max_experts + id] >= 0) continue; /* noted twice */
         uint64_t u = c->uses[(size_t)layer * c->max_experts + id];
         if (u > KEY_USES_MAX) u = KEY_USES_MAX;
-        i = find_slot(c, layer, &id, 1, u << 40);
+        const int i = find_slot(c, layer, &id, 1, u << 40);
         mf_err ignored;
-        if (i >= 0 && fill(c, i, layer, id, 1, &ignored) != MF_OK) {
-            c->key[i] = KEY_PINNED; /* stays empty */
-            continue;
-        }
+        if (i >= 0 && fill(c, i, layer, id, 1, &ignored) != MF_OK) c->key[i] = KEY_PINNED; /* stays empty */
     }
+    c->n_cand = 0;
 }
 
 void dev_cache_stats_get(const dev_cache *c, dev_cache_stats *st) { *st = c->st; }

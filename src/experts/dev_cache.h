@@ -15,7 +15,8 @@ typedef struct dev_cache dev_cache;
 typedef struct dev_cache_stats {
     uint64_t hits, misses, evictions;
     uint64_t bytes_uploaded;
-    uint64_t host_reads, bytes_read_in_place; /* host-read mode: misses computed from host RAM */
+    /* host-read mode: blobs ops read in place from host RAM, over the bus, and their bytes */
+    uint64_t host_reads, bytes_from_host;
     double upload_seconds;
     uint64_t budget_bytes, resident_bytes, peak_bytes;
 } dev_cache_stats;
@@ -52,20 +53,21 @@ int dev_cache_layer_ready(const dev_cache *c, int layer);
  * cannot hold them all; fails on a failed read, leaving the mode off. */
 mf_status dev_cache_map_host(dev_cache *c, mf_err *err);
 int dev_cache_host_mapped(const dev_cache *c);
-/* Host-read mode: the experts a step computed in layer (the router's choice, after the step
- * ran): counts hits and in-place reads, and gives a slot to a missed expert when one is free
- * or when it has been used more of late than the least used unpinned slot (whose expert goes
- * back to its host copy). Its upload runs on the copy stream, and its table entry switches to
- * the slot only once the upload finished (seen at a later call or table read), so nothing
- * waits for it. Ops already issued may still read the evicted slot: the upload starts after
- * them. */
+/* Host-read mode: the experts a step that has run computed in layer (the router's choice, ids
+ * [n]): counts hits and misses (read in place from host RAM) as the tables of that step had
+ * them, and notes the misses. The next dev_cache_send_tables gives each noted expert a slot, in
+ * order, when one is free or when it has been used more of late than the least used unpinned
+ * slot (whose expert goes back to its host copy); its upload runs on the copy stream, and its
+ * entry switches to the slot only once the upload finished (seen by a later send), so nothing
+ * waits for it. */
 void dev_cache_note_uses(dev_cache *c, int layer, const int32_t *ids, int n);
 /* The layer's table in backend memory: [n_experts] backend pointers to resident blobs (NULL
  * for absent experts, or their host copies in host-read mode); a row that changed since it was
  * last read is uploaded first (an op on the compute stream). Fences like dev_cache_get. */
 const void *const *dev_cache_table(dev_cache *c, int layer);
-/* Uploads every changed row of the tables now (before recording or replaying ops that read
- * them), with the slots whose host-read uploads finished, and fences like dev_cache_get. */
+/* Host-read mode: gives the noted experts slots, and the slots whose uploads finished their
+ * entries. Then uploads every changed row of the tables (before recording or replaying ops
+ * that read them) and fences like dev_cache_get. */
 void dev_cache_send_tables(dev_cache *c);
 void dev_cache_stats_get(const dev_cache *c, dev_cache_stats *st);
 void dev_cache_reset_stats(dev_cache *c);

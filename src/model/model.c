@@ -290,7 +290,7 @@ void mf_model_expert_stats(const mf_model *m, mf_expert_stats *out) {
         out->gpu_evictions = d.evictions;
         out->gpu_bytes_uploaded = d.bytes_uploaded;
         out->gpu_host_reads = d.host_reads;
-        out->gpu_bytes_read_in_place = d.bytes_read_in_place;
+        out->gpu_bytes_from_host = d.bytes_from_host;
         out->gpu_upload_seconds = d.upload_seconds;
         out->gpu_budget_bytes = d.budget_bytes;
         out->gpu_peak_bytes = d.peak_bytes;
