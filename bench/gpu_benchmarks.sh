@@ -25,8 +25,11 @@ $MF bench "$W/q36.moeflux" --cuda --gpu-cache-gb 40 --prompt-tokens 512 --gen-to
 EXPERTS=$($MF info "$W/q36.moeflux" --json | sed 's/.*"experts_bytes":\([0-9.e+]*\).*/\1/')
 QUARTER=$(awk -v e="$EXPERTS" 'BEGIN { printf "%.3f", e / 4 / 1e9 }')
 cat "$W/q36.moeflux" > /dev/null # the file in the page cache: RAM, not the disk, feeds the host tier
-$MF bench "$W/q36.moeflux" --cuda --gpu-cache-gb "$QUARTER" --prompt-tokens 128 --warmup-tokens 128 --gen-tokens 64 --json \
+$MF bench "$W/q36.moeflux" --cuda --gpu-cache-gb "$QUARTER" --prompt-tokens 128 --warmup-tokens 128 --gen-tokens 128 --json \
     > "$OUT/c_q36_quarter_cached.json" 2> "$OUT/c_q36.err"
+# the same with every miss uploaded into the GPU cache first instead of read from host RAM in place
+$MF bench "$W/q36.moeflux" --cuda --gpu-cache-gb "$QUARTER" --prompt-tokens 128 --warmup-tokens 128 --gen-tokens 128 --json \
+    --no-host-reads > "$OUT/c_q36_quarter_cached_no_host_reads.json" 2>> "$OUT/c_q36.err"
 rm -f "$W/q36.moeflux"
 fi
 
@@ -41,6 +44,8 @@ QUARTER=$(awk -v e="$EXPERTS" 'BEGIN { printf "%.3f", e / 4 / 1e9 }')
 cat "$W/q30.moeflux" > /dev/null
 $MF bench "$W/q30.moeflux" --cuda --gpu-cache-gb "$QUARTER" --prompt-tokens 128 --warmup-tokens 256 --gen-tokens 128 --json \
     > "$OUT/d_q30_quarter_cached.json" 2>> "$OUT/d_q30.err"
+$MF bench "$W/q30.moeflux" --cuda --gpu-cache-gb "$QUARTER" --prompt-tokens 128 --warmup-tokens 256 --gen-tokens 128 --json \
+    --no-host-reads > "$OUT/d_q30_quarter_cached_no_host_reads.json" 2>> "$OUT/d_q30.err"
 rm -f "$W/q30.moeflux"
 fi
 

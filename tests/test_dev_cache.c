@@ -3,7 +3,8 @@
  * hits, misses, evictions and residency after every step of random scripts against the policy
  * simulated here (evict the unpinned slot used least of late, use counts halving as they age,
  * then the least recently used; a prefetch never evicts the ids it was given). Pins, and a get
- * with every slot pinned. Not the host store (test_store.c). */
+ * with every slot pinned. Host-read mode: table entries (slots or host copies) and the admission
+ * of noted misses against the policy simulated here. Not the host store (test_store.c). */
 #include <criterion/criterion.h>
 
 #include <fcntl.h>

@@ -3,7 +3,9 @@
  * then recency, kept as one number a slot so that choosing a victim is one pass over a compact
  * array: a cache of thousands of slots chooses several a layer); misses come
  * from the host expert store and uploaded on the backend's copy stream (upload_async), their
- * host blobs pinned until the copy finished; dev_cache_get fences. Not thread-safe: the forward pass calls it. */
+ * host blobs pinned until the copy finished; dev_cache_get fences. In host-read mode the tables
+ * point experts without a slot at their pinned host copies, and noted misses get slots whose
+ * entries switch over once their uploads finished. Not thread-safe: the forward pass calls it. */
 #include "experts/dev_cache.h"
 
 #include <stdlib.h>
