@@ -421,18 +421,30 @@ static mf_status graph_record(mf_session *s) {
     return MF_OK;
 }
 
+/* Bytes of the route log (its words before d_next). */
+static size_t route_log_bytes(const mf_session *s) {
+    return sizeof(int32_t) * (size_t)(s->d_next - s->d_route_log);
+}
+
 /* Host-read mode: hands the device cache the choices of the last step that ran its experts as
  * one op (the step has finished: its outputs came back), so that it can give slots to the
  * experts read from host memory, and sends the table rows that changed. */
-static void route_log_flush(mf_session *s) {
+static void route_log_note(mf_session *s) {
     mf_model *m = s->m;
     const mf_hparams *hp = &m->file.L.hp;
-    if (!s->log_n || !m->dcache) return;
     const int64_t row = (int64_t)FUSED_MAX_TOKENS * hp->top_k;
-    OPS->download(m->be, s->route_log, s->d_route_log, sizeof(int32_t) * (size_t)(hp->n_layers * row));
     for (int l = 0; l < hp->n_layers; l++)
         if (hp->layer_moe[l]) dev_cache_note_uses(m->dcache, l, s->route_log + l * row, s->log_n * hp->top_k);
     s->log_n = 0;
+    s->log_fetched = 0;
+}
+
+/* The same, downloading the log first unless it came back with the step's token. */
+static void route_log_flush(mf_session *s) {
+    mf_model *m = s->m;
+    if (!s->log_n || !m->dcache) return;
+    if (!s->log_fetched) OPS->download(m->be, s->route_log, s->d_route_log, route_log_bytes(s));
+    route_log_note(s);
     dev_cache_send_tables(m->dcache);
 }
 
@@ -441,7 +453,11 @@ mf_status forward_chunk(mf_session *s, const int32_t *tokens, int n, float *logi
     const mf_hparams *hp = &m->file.L.hp;
     mf_backend *be = m->be;
     int64_t V = hp->vocab;
-    route_log_flush(s);
+    const int want_out = logits || next || s->keep_logits, graph = want_out && graph_eligible(s, n);
+    /* host-read mode: when the last step's choices came back with its token, the device cache
+     * notes them while this step's graph runs (its table changes apply from the next step) */
+    const int late = graph && s->log_n && s->log_fetched;
+    if (!late) route_log_flush(s);
     for (int t = 0; t < n; t++) {
         if (tokens[t] < 0 || tokens[t] >= hp->vocab)
             return err_set(&s->err, MF_ERR_ARG, "token %d at position %d is outside the vocabulary (%d)",
@@ -451,14 +467,17 @@ mf_status forward_chunk(mf_session *s, const int32_t *tokens, int n, float *logi
     if (s->profile) prof_mark(s, NULL);
     OPS->upload(be, s->d_positions, s->positions, sizeof(int32_t) * (size_t)n);
     OPS->upload(be, s->d_tokens, tokens, sizeof(int32_t) * (size_t)n);
-    int want_out = logits || next || s->keep_logits;
-    if (want_out && graph_eligible(s, n)) {
+    if (graph) {
         mf_status st = s->graph ? MF_OK : graph_record(s);
         if (st) return st;
         /* the tables as the replay must read them (changed rows, uploads since the last fence) */
         if (m->dcache) dev_cache_send_tables(m->dcache);
         OPS->graph_launch(be, s->graph);
-        if (m->dcache && dev_cache_host_mapped(m->dcache)) s->log_n = n; /* route_log_flush takes it next step */
+        if (late) {
+            route_log_note(s);
+            dev_cache_send_tables(m->dcache);
+        }
+        if (m->dcache && dev_cache_host_mapped(m->dcache)) s->log_n = n; /* noted next step */
         if (logits) OPS->download(be, logits, s->d_logits, sizeof(float) * (size_t)V);
     } else {
         s->attn_ctx = s->pos + n;
@@ -472,7 +491,14 @@ mf_status forward_chunk(mf_session *s, const int32_t *tokens, int n, float *logi
             if (logits && out != logits) OPS->download(be, logits, out, sizeof(float) * (size_t)(rows * V));
         }
     }
-    if (next) OPS->download(be, next, s->d_next, sizeof(int32_t));
+    if (next && graph && s->log_n) {
+        /* d_next follows the log: the step's choices come back with its token */
+        OPS->download(be, s->route_log, s->d_route_log, route_log_bytes(s) + sizeof(int32_t));
+        *next = s->route_log[s->d_next - s->d_route_log];
+        s->log_fetched = 1;
+    } else if (next) {
+        OPS->download(be, next, s->d_next, sizeof(int32_t));
+    }
     /* tokens now occupy positions pos .. pos + n - 1 */
     memmove(s->tokens + s->pos, tokens, sizeof(int32_t) * (size_t)n);
     s->pos += n;

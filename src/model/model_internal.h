@@ -94,12 +94,14 @@ struct mf_session {
     const void **d_blob_table; /* backend memory [n_experts] */
     int32_t *d_pred_ids;       /* backend memory [chunk][top_k] the next layer's predicted choice (view) */
     float *d_pred_w;           /* backend memory [chunk][top_k] */
-    int32_t *d_next;           /* backend memory [1] the greedy choice after the last token */
+    int32_t *d_next;           /* backend memory [1] the greedy choice after the last token; the
+                                  word after d_route_log */
     int32_t *d_route_log;      /* backend memory [n_layers][FUSED_MAX_TOKENS][top_k]: each layer's
                                   choice in a step whose experts run as one op */
     int32_t *route_log;        /* host copy of d_route_log */
     int log_n;                 /* tokens of the step whose choices d_route_log holds for the
                                   device cache (host-read mode), 0: none pending */
+    int log_fetched;           /* route_log holds them already (downloaded with d_next) */
     int keep_logits;           /* forward_chunk leaves the last token's logits in d_logits */
     float *logits_host;        /* host [vocab] for sampling on the host, allocated on first use */
     int64_t attn_ctx;          /* context bound the attention ops of this step are sized for */

@@ -82,7 +82,7 @@ void mf_session_free(mf_session *s) {
         }
         void *dev[] = {s->d_tokens, s->d_positions, s->x, s->h, s->y, s->zeros, s->big1, s->big2, s->big3,
                        s->big4, s->big5, s->big6, s->small1, s->small2, s->small3, s->small4, s->d_route,
-                       s->d_expert_tok, s->d_expert_tw, s->d_logits, (void *)s->d_blob_table, s->d_pred_w, s->d_next,
+                       s->d_expert_tok, s->d_expert_tw, s->d_logits, (void *)s->d_blob_table, s->d_pred_w,
                        s->d_route_log};
         for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++) be->ops->free(be, dev[i]);
     }
@@ -181,9 +181,9 @@ mf_status mf_session_new(mf_model *m, const mf_session_options *o, mf_session **
     s->d_expert_tw = balloc(s, f * (size_t)(T * K), &ok);
     s->d_blob_table = balloc(s, sizeof(void *) * (size_t)hp->n_experts, &ok);
     s->d_pred_w = balloc(s, f * (size_t)(T * K), &ok);
-    s->d_next = balloc(s, sizeof(int32_t), &ok);
-    s->d_route_log = balloc(s, sizeof(int32_t) * (size_t)(L * FUSED_MAX_TOKENS * K), &ok);
-    s->route_log = zalloc(sizeof(int32_t) * (size_t)(L * FUSED_MAX_TOKENS * K), &ok);
+    s->d_route_log = balloc(s, sizeof(int32_t) * (size_t)(L * FUSED_MAX_TOKENS * K + 1), &ok);
+    s->route_log = zalloc(sizeof(int32_t) * (size_t)(L * FUSED_MAX_TOKENS * K + 1), &ok);
+    if (s->d_route_log) s->d_next = s->d_route_log + L * FUSED_MAX_TOKENS * K;
     /* the CPU's lm head writes into the caller's logits; this row serves greedy-only steps */
     s->d_logits = balloc(s, f * (size_t)(m->be->ops->host_memory ? 1 : T) * (size_t)hp->vocab, &ok);
     for (int l = 0; ok && l < L; l++) {
