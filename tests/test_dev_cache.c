@@ -201,14 +201,19 @@ static void get_checked(fixture *x, int m, int e) {
     cr_assert(blob && !memcmp(blob, x->ref[m][e], E->stride), "layer %d expert %d: bytes differ", E->layer, e);
 }
 
+/* A script's start: the fixture with a cache of `slots`, its simulation, the random stream. */
+static void script_open(fixture *x, sim *s, int slots, uint64_t seed) {
+    fixture_open(x, slots);
+    sim_init(s, slots);
+    th_rng_seed(seed);
+}
+
 /* Random gets (some held pinned for a few steps), prefetches of distinct ids and releases; the
  * cache must match the simulation after every step. Long enough for use counts to age. */
 static void scripted(int slots, uint64_t seed, int steps) {
     fixture x;
-    fixture_open(&x, slots);
     sim s;
-    sim_init(&s, slots);
-    th_rng_seed(seed);
+    script_open(&x, &s, slots, seed);
     const mfpack_layout *L = &x.f.L;
     int held_m[4], held_e[4], n_held = 0;
     for (int step = 0; step < steps; step++) {
@@ -423,10 +428,8 @@ static int random_ids(int32_t *ids, int max, int count) {
  * read from host memory, evictions, residency and each table entry. */
 static void host_reads_scripted(int slots, uint64_t seed, int steps) {
     fixture x;
-    fixture_open(&x, slots);
     sim s;
-    sim_init(&s, slots);
-    th_rng_seed(seed);
+    script_open(&x, &s, slots, seed);
     const mfpack_layout *L = &x.f.L;
     /* one expert resident before the mode starts: it keeps its slot */
     get_checked(&x, 0, 1);
