@@ -112,6 +112,7 @@ static int parse_common(gen_opts *g, int argc, char **argv, int i, const char *c
         return 2;
     }
     if (!strcmp(a, "--cuda")) return (g->eo.use_cuda = 1);
+    if (!strcmp(a, "--no-host-reads")) return (g->eo.no_host_reads = 1);
     if (!strcmp(a, "--ignore-eos")) return (g->ignore_eos = 1);
     if (!strcmp(a, "--think")) return (g->think = 1);
     if (!strcmp(a, "--no-think")) return (g->think = 0) + 1;
@@ -376,7 +377,7 @@ static void usage_run(void) {
             "usage: moeflux run MODEL -p PROMPT [-n N] [--chat] [--system S] [--think|--no-think]\n"
             "       [--temp T] [--top-k K] [--top-p P] [--min-p P] [--repeat-penalty R] [--repeat-last-n N]\n"
             "       [--presence-penalty P] [--frequency-penalty F] [--seed S] [--stop STR]... [--ignore-eos]\n"
-            "       [--ctx N] [--threads N] [--host-cache-gb G] [--cuda] [--gpu-cache-gb G]\n"
+            "       [--ctx N] [--threads N] [--host-cache-gb G] [--cuda] [--gpu-cache-gb G] [--no-host-reads]\n"
             "       [--chat-template-file F]\n");
 }
 
