@@ -427,8 +427,8 @@ static size_t route_log_bytes(const mf_session *s) {
 }
 
 /* Host-read mode: hands the device cache the choices of the last step that ran its experts as
- * one op (the step has finished: its outputs came back), so that it can give slots to the
- * experts read from host memory, and sends the table rows that changed. */
+ * one op (the step has finished: its outputs came back; route_log holds them), so that its next
+ * table send can give slots to experts read from host memory. */
 static void route_log_note(mf_session *s) {
     mf_model *m = s->m;
     const mf_hparams *hp = &m->file.L.hp;
@@ -439,7 +439,8 @@ static void route_log_note(mf_session *s) {
     s->log_fetched = 0;
 }
 
-/* The same, downloading the log first unless it came back with the step's token. */
+/* The same, downloading the log first unless it came back with the step's token, then the
+ * tables sent. */
 static void route_log_flush(mf_session *s) {
     mf_model *m = s->m;
     if (!s->log_n || !m->dcache) return;
