@@ -54,8 +54,8 @@ int dev_cache_layer_ready(const dev_cache *c, int layer);
 mf_status dev_cache_map_host(dev_cache *c, mf_err *err);
 int dev_cache_host_mapped(const dev_cache *c);
 /* Host-read mode: the experts a step that has run computed in layer (the router's choice, ids
- * [n]): counts hits and misses (read in place from host RAM) as the tables of that step had
- * them, and notes the misses. The next dev_cache_send_tables gives each noted expert a slot, in
+ * [n]): counts hits and misses (read in place from host RAM) as the tables are now (the sends
+ * since that step, if any, changed them), and notes the misses. The next dev_cache_send_tables gives each noted expert a slot, in
  * order, when one is free or when it has been used more of late than the least used unpinned
  * slot (whose expert goes back to its host copy); its upload runs on the copy stream, and its
  * entry switches to the slot only once the upload finished (seen by a later send), so nothing
