@@ -98,8 +98,9 @@ static int sim_find(const sim *s, int layer, int id) {
 }
 
 /* An empty slot, a new one, or the victim: unpinned, not one of keep (ids of keep_layer), fewest
- * uses, then oldest use, then lowest slot. -1 when none. */
-static int sim_slot(sim *s, int keep_layer, const int32_t *keep, int n_keep) {
+ * uses, then oldest use, then lowest slot, taken only when it has fewer uses than below. -1 when
+ * none. */
+static int sim_slot(sim *s, int keep_layer, const int32_t *keep, int n_keep, uint32_t below) {
     for (int i = 0; i < s->n_alloc; i++)
         if (s->layer[i] < 0) return i;
     if (s->n_alloc < s->n_slots) {
@@ -120,6 +121,7 @@ static int sim_slot(sim *s, int keep_layer, const int32_t *keep, int n_keep) {
         uint32_t bu = s->uses[s->layer[best]][s->id[best]];
         if (u < bu || (u == bu && s->last[i] < s->last[best])) best = i;
     }
+    if (best >= 0 && s->uses[s->layer[best]][s->id[best]] >= below) best = -1;
     if (best >= 0) {
         s->layer[best] = -1;
         s->evictions++;
@@ -140,7 +142,7 @@ static int sim_get(sim *s, int layer, int id) {
     if (i >= 0) {
         if (s->last[i]) s->hits++;
     } else {
-        if ((i = sim_slot(s, -1, NULL, 0)) < 0) return 0;
+        if ((i = sim_slot(s, -1, NULL, 0, UINT32_MAX)) < 0) return 0;
         sim_fill(s, i, layer, id);
         s->misses++;
     }
@@ -165,7 +167,7 @@ static void sim_prefetch(sim *s, int layer, const int32_t *ids, int n) {
     for (int k = 0; k < n; k++)
         if (sim_find(s, layer, ids[k]) < 0) missing[nm++] = ids[k];
     for (int k = 0; k < nm; k++) {
-        int i = sim_slot(s, layer, ids, n);
+        int i = sim_slot(s, layer, ids, n, UINT32_MAX);
         if (i < 0) break;
         sim_fill(s, i, layer, missing[k]);
         s->misses++;
@@ -338,25 +340,8 @@ static void sim_count(sim *s, int layer, int id) {
  * (then the oldest) when that one has fewer uses than (layer, id) has now. */
 static void sim_promote(sim *s, int layer, int id) {
     if (sim_find(s, layer, id) >= 0) return; /* noted twice */
-    int i;
-    for (i = 0; i < s->n_alloc && s->layer[i] >= 0; i++) {}
-    if (i == s->n_alloc) {
-        if (s->n_alloc < s->n_slots) {
-            i = s->n_alloc++;
-        } else {
-            int best = -1;
-            for (int k = 0; k < s->n_alloc; k++) {
-                if (s->pins[k]) continue;
-                uint32_t u = s->uses[s->layer[k]][s->id[k]];
-                uint32_t bu = best < 0 ? 0 : s->uses[s->layer[best]][s->id[best]];
-                if (best < 0 || u < bu || (u == bu && s->last[k] < s->last[best])) best = k;
-            }
-            if (best < 0 || s->uses[s->layer[best]][s->id[best]] >= s->uses[layer][id]) return;
-            s->evictions++;
-            i = best;
-        }
-    }
-    sim_fill(s, i, layer, id);
+    const int i = sim_slot(s, -1, NULL, 0, s->uses[layer][id]);
+    if (i >= 0) sim_fill(s, i, layer, id);
 }
 
 /* A step's noted uses of layer (ids [n], distinct) then the send that gives the noted misses
