@@ -6,8 +6,8 @@
 
 /* x, out [n_tok][C]; w [C][K]; state [K-1][C], oldest first. */
 __global__ void conv1d_silu_kernel(const float *__restrict__ x, float *__restrict__ state, const float *__restrict__ w,
-                                   int64_t n_tok, int64_t C, int K, float *__restrict__ out) {
-    cb_pdl_trigger();
+                                   int64_t n_tok, int64_t C, int K, int early, float *__restrict__ out) {
+    if (!early) cb_pdl_wait();
     for (int64_t ch = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; ch < C; ch += (int64_t)gridDim.x * blockDim.x) {
         float win[CONV_MAX_K], wc[CONV_MAX_K];
 #pragma unroll
@@ -15,6 +15,10 @@ __global__ void conv1d_silu_kernel(const float *__restrict__ x, float *__restric
             win[k] = k < K - 1 ? state[k * C + ch] : 0.0f;
             wc[k] = k < K ? w[ch * K + k] : 0.0f;
         }
+        /* launched dependent: the weights were readable above, and the window where early (the
+         * op before did not write it); x (the output of the op before) only from here */
+        cb_pdl_wait();
+        cb_pdl_trigger();
         for (int64_t t = 0; t < n_tok; t++) {
             const float xt = x[t * C + ch];
             float acc = 0.0f;
@@ -46,6 +50,8 @@ void cuda_op_conv1d_silu(mf_backend *b, const float *x, float *state, const floa
         cb_fail(c, "conv1d_silu: kernel %d (at most %d)", K, CONV_MAX_K);
         return;
     }
-    conv1d_silu_kernel<<<cb_grid(c, C, 128), 128, 0, c->stream>>>(x, state, w, n_tok, C, K, out);
+    cb_launch_dependent(c, conv1d_silu_kernel, dim3(cb_grid(c, C, 128)), dim3(128), 0, x, state, w, n_tok, C, K,
+                        (int)(c->state_written != state), out);
     CB_LAUNCHED(c, "conv1d_silu");
+    c->state_written = state;
 }

@@ -23,8 +23,9 @@ struct dn_raw {
 __global__ void __launch_bounds__(DN_THREADS)
 deltanet_kernel(const float *__restrict__ q, const float *__restrict__ k, const float *__restrict__ v,
                 const float *__restrict__ g, const float *__restrict__ beta, float *__restrict__ S, int64_t n_tok,
-                int Hk, int Hv, int dk, int dv, int R, int cols_per_block, dn_raw raw, float *__restrict__ out) {
-    cb_pdl_trigger();
+                int Hk, int Hv, int dk, int dv, int R, int cols_per_block, dn_raw raw, int early,
+                float *__restrict__ out) {
+    if (!early) cb_pdl_wait();
     extern __shared__ float qk[]; /* [2][2][dk]: buffer, (q | k), row */
     const int h = blockIdx.y, kh = h / (Hv / Hk);
     const int p = threadIdx.x % R, c = blockIdx.x * cols_per_block + threadIdx.x / R;
@@ -37,12 +38,21 @@ deltanet_kernel(const float *__restrict__ q, const float *__restrict__ k, const 
         const int r = i * R + p;
         s[i] = col_ok && i < nr && r < dk ? Sh[(int64_t)r * dv + c] : 0.0f;
     }
+    const float neg_A = raw.a ? -expf(raw.A_log[h]) : 0.0f, dtb = raw.a ? raw.dt_bias[h] : 0.0f;
+    /* launched dependent: the weights were readable above, and the state where early (the op
+     * before did not write it); q, k, v and the gates (the outputs of the ops before) only from here */
+    cb_pdl_wait();
+    cb_pdl_trigger();
     /* stage step 0 */
     for (int i = threadIdx.x; i < 2 * dk; i += blockDim.x)
         qk[i] = i < dk ? q[(int64_t)kh * dk + i] : k[(int64_t)kh * dk + i - dk];
     __syncthreads();
     for (int64_t t = 0; t < n_tok; t++) {
         float *qs = qk + (t & 1) * 2 * dk, *ks = qs + dk;
+        /* the step's own loads first, so that they are in flight across the barriers below */
+        const float vc = col_ok ? v[(t * Hv + h) * dv + c] : 0.0f;
+        const float ga = raw.a ? raw.a[t * Hv + h] : g[t * Hv + h];
+        const float gb = raw.a ? raw.bb[t * Hv + h] : beta[t * Hv + h];
         /* fetch the next step's q and k while this one computes */
         float nq[DN_PREFETCH];
 #pragma unroll
@@ -72,14 +82,13 @@ deltanet_kernel(const float *__restrict__ q, const float *__restrict__ k, const 
                 ks[i] *= kn;
             }
             __syncthreads();
-            const float sp = raw.a[t * Hv + h] + raw.dt_bias[h];
-            bt = cb_sigmoid(raw.bb[t * Hv + h]);
-            decay = expf(-expf(raw.A_log[h]) * (sp > 20.0f ? sp : log1pf(expf(sp))));
+            const float sp = ga + dtb;
+            bt = cb_sigmoid(gb);
+            decay = expf(neg_A * (sp > 20.0f ? sp : log1pf(expf(sp))));
         } else {
-            decay = expf(g[t * Hv + h]);
-            bt = beta[t * Hv + h];
+            decay = expf(ga);
+            bt = gb;
         }
-        const float vc = col_ok ? v[(t * Hv + h) * dv + c] : 0.0f;
         float kv = 0.0f;
 #pragma unroll
         for (int i = 0; i < DN_MAX_ROWS; i++) {
@@ -130,9 +139,10 @@ static void deltanet_launch(mf_backend *b, const float *q, const float *k, const
     }
     const int cols_per_block = DN_THREADS / R;
     dim3 grid((unsigned)((dv + cols_per_block - 1) / cols_per_block), (unsigned)Hv);
-    deltanet_kernel<<<grid, DN_THREADS, 4 * dk * sizeof(float), c->stream>>>(q, k, v, g, beta, S, n_tok, Hk, Hv, dk,
-                                                                              dv, R, cols_per_block, raw, out);
+    cb_launch_dependent(c, deltanet_kernel, grid, dim3(DN_THREADS), 4 * dk * sizeof(float), q, k, v, g, beta, S, n_tok,
+                        Hk, Hv, dk, dv, R, cols_per_block, raw, (int)(c->state_written != S), out);
     CB_LAUNCHED(c, "deltanet");
+    c->state_written = S;
 }
 
 void cuda_op_deltanet(mf_backend *b, const float *q, const float *k, const float *v, const float *g,

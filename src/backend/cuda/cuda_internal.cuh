@@ -55,6 +55,9 @@ typedef struct cuda_backend {
     uint64_t up_floor;                 /* every ticket <= up_floor has finished */
     uint64_t up_fenced;                /* last ticket stream waits for */
     struct cb_sampler *samp;           /* the sample op's device state, made on its first call */
+    const void *state_written;         /* the recurrent state (conv window, delta-rule S) the last
+                                          op wrote, NULL after any other op: an op reading it next
+                                          may not read it before cb_pdl_wait */
 } cuda_backend;
 
 static inline cuda_backend *cb_of(mf_backend *b) { return (cuda_backend *)b; }
@@ -64,7 +67,7 @@ int cb_check(cuda_backend *c, cudaError_t e, const char *what);
 /* A contract violation (shape the kernels do not handle): sticky, like a CUDA error. */
 void cb_fail(cuda_backend *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 /* After a launch: picks up launch errors (bad configuration, no kernel image). */
-#define CB_LAUNCHED(c, what) cb_check((c), cudaGetLastError(), (what))
+#define CB_LAUNCHED(c, what) ((c)->state_written = NULL, cb_check((c), cudaGetLastError(), (what)))
 
 static inline unsigned cb_blocks(int64_t n, int threads, int64_t max_blocks) {
     int64_t b = (n + threads - 1) / threads;

@@ -91,12 +91,20 @@ router_kernel(const float *__restrict__ logits, int64_t n_tok, int E, int K, int
     rt_store(ch, lane, t, K, norm, ids, w);
 }
 
+/* A probability's rank key: 0 for none (taken, or not a number), else its bits + 1 (bits of
+ * floats >= 0 order as the floats). */
+__device__ __forceinline__ unsigned rt_key(float p) { return p >= 0.0f ? __float_as_uint(p) + 1u : 0u; }
+
 /* The same for E <= 32 * PER experts with the probabilities in registers (PER per lane, expert
- * i * 32 + lane in slot i): no shared memory, and each round's search is register compares. */
+ * i * 32 + lane in slot i): no shared memory. Each lane keeps its best candidate; a round takes
+ * the warp's best key and, among lanes holding it, the lowest id, in two warp reductions, and
+ * only the winning lane looks for its next candidate. Launched dependent: the logits are the
+ * output of the kernel before. */
 template <int PER>
 __global__ void __launch_bounds__(RT_WARPS * 32)
 router_reg_kernel(const float *__restrict__ logits, int64_t n_tok, int E, int K, int norm, int32_t *__restrict__ ids,
                   float *__restrict__ w) {
+    cb_pdl_wait();
     cb_pdl_trigger();
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int64_t t = (int64_t)blockIdx.x * RT_WARPS + warp;
@@ -119,19 +127,32 @@ router_reg_kernel(const float *__restrict__ logits, int64_t n_tok, int E, int K,
             sum += p[i];
         }
     for (int o = 16; o; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    unsigned bk = 0; /* the lane's best key and its slot */
+    int bi = 0;
 #pragma unroll
-    for (int i = 0; i < PER; i++) p[i] = i * 32 + lane < E ? (float)(p[i] / sum) : -1.0f; /* -1: not a choice */
+    for (int i = 0; i < PER; i++) {
+        p[i] = i * 32 + lane < E ? (float)(p[i] / sum) : -1.0f; /* -1: not a choice */
+        const unsigned k = rt_key(p[i]);
+        if (k > bk) bk = k, bi = i;
+    }
     rt_choices ch = {{-1, -1}, {0.0f, 0.0f}, 0.0f};
     for (int j = 0; j < K; j++) {
-        float bv = -1.0f;
-        int be = -1;
+        const unsigned best = __reduce_max_sync(0xffffffffu, bk);
+        const unsigned won = __reduce_min_sync(0xffffffffu, best && bk == best ? (unsigned)(bi * 32 + lane) : ~0u);
+        const int e = best ? (int)won : -1;
+        const float wv = best ? __uint_as_float(best - 1u) : 0.0f;
+        ch.sum += wv;
+        if (lane == (j & 31)) ch.id[j >> 5] = e, ch.w[j >> 5] = wv;
+        if (best && lane == (int)(won & 31)) { /* the winner takes it and finds its next best */
+            const int taken = bi;
+            bk = 0;
 #pragma unroll
-        for (int i = 0; i < PER; i++)
-            if (p[i] >= 0.0f && p[i] > bv) bv = p[i], be = i * 32 + lane;
-        const int won = rt_take(ch, j, lane, bv, be);
-#pragma unroll
-        for (int i = 0; i < PER; i++)
-            if (i * 32 + lane == won) p[i] = -1.0f;
+            for (int i = 0; i < PER; i++) {
+                if (i == taken) p[i] = -1.0f;
+                const unsigned k = rt_key(p[i]);
+                if (k > bk) bk = k, bi = i;
+            }
+        }
     }
     rt_store(ch, lane, t, K, norm, ids, w);
 }
@@ -146,9 +167,8 @@ void cuda_op_router_topk(mf_backend *b, const float *logits, int64_t n_tok, int 
     }
     const unsigned grid = (unsigned)((n_tok + RT_WARPS - 1) / RT_WARPS);
     if (E <= 512) {
-        if (E <= 128) router_reg_kernel<4><<<grid, RT_WARPS * 32, 0, c->stream>>>(logits, n_tok, E, K, norm, ids, w);
-        else if (E <= 256) router_reg_kernel<8><<<grid, RT_WARPS * 32, 0, c->stream>>>(logits, n_tok, E, K, norm, ids, w);
-        else router_reg_kernel<16><<<grid, RT_WARPS * 32, 0, c->stream>>>(logits, n_tok, E, K, norm, ids, w);
+        auto k = E <= 128 ? router_reg_kernel<4> : E <= 256 ? router_reg_kernel<8> : router_reg_kernel<16>;
+        cb_launch_dependent(c, k, dim3(grid), dim3(RT_WARPS * 32), 0, logits, n_tok, E, K, norm, ids, w);
         CB_LAUNCHED(c, "router_topk");
         return;
     }
