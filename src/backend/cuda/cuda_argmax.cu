@@ -50,6 +50,7 @@ __device__ __forceinline__ void argmax_reduce(float &bv, int64_t &bi) {
 
 __global__ void __launch_bounds__(ARGMAX_THREADS)
 argmax_kernel(const float *__restrict__ x, int64_t cols, int32_t *__restrict__ out) {
+    cb_pdl_wait(); /* launched dependent: the ops before wrote what it reads */
     cb_pdl_trigger();
     float bv;
     int64_t bi;
@@ -63,6 +64,7 @@ argmax_kernel(const float *__restrict__ x, int64_t cols, int32_t *__restrict__ o
 __global__ void __launch_bounds__(ARGMAX_THREADS)
 argmax_split_kernel(const float *__restrict__ x, int64_t cols, int64_t span, float *part_v, int64_t *part_i,
                     unsigned *done, int32_t *__restrict__ out) {
+    cb_pdl_wait(); /* launched dependent: the ops before wrote what it reads */
     cb_pdl_trigger();
     __shared__ bool last;
     const int64_t begin = (int64_t)blockIdx.x * span, end = begin + span < cols ? begin + span : cols;
@@ -106,10 +108,10 @@ void cuda_op_argmax(mf_backend *b, const float *x, int64_t rows, int64_t cols, i
         if (parts > ARGMAX_PARTS) parts = ARGMAX_PARTS;
         const int64_t span = (cols + parts - 1) / parts;
         parts = (cols + span - 1) / span;
-        argmax_split_kernel<<<(unsigned)parts, ARGMAX_THREADS, 0, c->stream>>>(x, cols, span, c->arg_v, c->arg_i,
-                                                                                 c->arg_done, out);
+        cb_launch_dependent(c, argmax_split_kernel, dim3((unsigned)parts), dim3(ARGMAX_THREADS), 0, x, cols, span,
+                            c->arg_v, c->arg_i, c->arg_done, out);
     } else {
-        argmax_kernel<<<(unsigned)rows, ARGMAX_THREADS, 0, c->stream>>>(x, cols, out);
+        cb_launch_dependent(c, argmax_kernel, dim3((unsigned)rows), dim3(ARGMAX_THREADS), 0, x, cols, out);
     }
     CB_LAUNCHED(c, "argmax");
 }

@@ -36,6 +36,7 @@ attn_kernel(const float *__restrict__ q, const float *__restrict__ kc, const flo
             const int32_t *__restrict__ pos, int64_t n_tok, int n_heads, int n_kv, int hd, float scale, int n_split,
             float *__restrict__ out,
             float *__restrict__ part_ml, float *__restrict__ part_acc) {
+    cb_pdl_wait(); /* launched dependent: the ops before wrote what it reads */
     cb_pdl_trigger();
     __shared__ float sm[ATT_WARPS], sl[ATT_WARPS];
     __shared__ float sacc[ATT_WARPS][32 * ATT_MAX_J];
@@ -126,6 +127,7 @@ attn_kernel(const float *__restrict__ q, const float *__restrict__ kc, const flo
 /* One block per token-head: out = sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M). */
 __global__ void attn_merge_kernel(const float *__restrict__ part_ml, const float *__restrict__ part_acc, int n_split,
                                   int hd, float *__restrict__ out) {
+    cb_pdl_wait(); /* launched dependent: the ops before wrote what it reads */
     cb_pdl_trigger();
     const int64_t row = blockIdx.x;
     const float *ml = part_ml + row * n_split * 2;
@@ -163,19 +165,13 @@ void cuda_op_attention(mf_backend *b, const float *q, const float *k_cache, cons
     if (n_split < 1) n_split = 1;
     float *part_ml = n_split > 1 ? c->scratch : NULL, *part_acc = n_split > 1 ? c->scratch + rows * n_split * 2 : NULL;
     dim3 grid((unsigned)n_split, (unsigned)n_heads, (unsigned)n_tok);
-    if (hd <= 128)
-        attn_kernel<4, 8><<<grid, ATT_THREADS, 0, c->stream>>>(q, k_cache, v_cache, pos, n_tok, n_heads, n_kv, hd, scale,
-                                                               (int)n_split, out, part_ml, part_acc);
-    else if (hd <= 256)
-        attn_kernel<8, 4><<<grid, ATT_THREADS, 0, c->stream>>>(q, k_cache, v_cache, pos, n_tok, n_heads, n_kv, hd, scale,
-                                                               (int)n_split, out, part_ml, part_acc);
-    else
-        attn_kernel<ATT_MAX_J, 2><<<grid, ATT_THREADS, 0, c->stream>>>(q, k_cache, v_cache, pos, n_tok, n_heads, n_kv,
-                                                                       hd, scale, (int)n_split, out, part_ml, part_acc);
+    auto k = hd <= 128 ? attn_kernel<4, 8> : hd <= 256 ? attn_kernel<8, 4> : attn_kernel<ATT_MAX_J, 2>;
+    cb_launch_dependent(c, k, grid, dim3(ATT_THREADS), 0, q, k_cache, v_cache, pos, n_tok, n_heads, n_kv, hd, scale,
+                        (int)n_split, out, part_ml, part_acc);
     if (CB_LAUNCHED(c, "attention")) return;
     if (n_split > 1) {
-        attn_merge_kernel<<<(unsigned)rows, hd < 256 ? 128 : 256, 0, c->stream>>>(part_ml, part_acc, (int)n_split, hd,
-                                                                                  out);
+        cb_launch_dependent(c, attn_merge_kernel, dim3((unsigned)rows), dim3(hd < 256 ? 128 : 256), 0,
+                            (const float *)part_ml, (const float *)part_acc, (int)n_split, hd, out);
         CB_LAUNCHED(c, "attention merge");
     }
 }

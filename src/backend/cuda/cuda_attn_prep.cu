@@ -10,6 +10,7 @@
  * is staged in shared memory, so q may be rewritten in place. Norm as the rmsnorm op; angles as
  * the rope op (inv_freq = theta^(-2i/rot) in double rounded to float, f32 angle). */
 __global__ void __launch_bounds__(AP_THREADS) attn_prep_kernel(const mf_attn_prep p) {
+    cb_pdl_wait(); /* launched dependent: the ops before wrote what it reads */
     cb_pdl_trigger();
     __shared__ float v[AP_MAX_HD], red[32];
     const int slot = blockIdx.x, hd = p.head_dim;
@@ -65,6 +66,6 @@ void cuda_op_attention_prep(mf_backend *b, const mf_attn_prep *p) {
         return;
     }
     dim3 grid((unsigned)(p->n_heads + 2 * p->n_kv), (unsigned)p->n_tok);
-    attn_prep_kernel<<<grid, AP_THREADS, 0, c->stream>>>(*p);
+    cb_launch_dependent(c, attn_prep_kernel, grid, dim3(AP_THREADS), 0, *p);
     CB_LAUNCHED(c, "attention_prep");
 }

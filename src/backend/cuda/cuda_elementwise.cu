@@ -9,21 +9,25 @@
 
 /* y, x [n] */
 __global__ void add_kernel(float *y, const float *x, int64_t n) {
+    cb_pdl_wait(); /* launched dependent: the ops before wrote what it reads */
     cb_pdl_trigger();
     EW_LOOP(i, n) y[i] += x[i];
 }
 /* x, gate [n] */
 __global__ void mul_sigmoid_kernel(float *x, const float *gate, int64_t n) {
+    cb_pdl_wait(); /* launched dependent: the ops before wrote what it reads */
     cb_pdl_trigger();
     EW_LOOP(i, n) x[i] *= cb_sigmoid(gate[i]);
 }
 /* g, u [n] */
 __global__ void swiglu_kernel(float *g, const float *u, int64_t n) {
+    cb_pdl_wait(); /* launched dependent: the ops before wrote what it reads */
     cb_pdl_trigger();
     EW_LOOP(i, n) g[i] = cb_silu(g[i]) * u[i];
 }
 /* y, x [n_tok][cols]; gate [n_tok] */
 __global__ void add_gated_kernel(float *y, const float *x, const float *gate, int64_t n, int64_t cols) {
+    cb_pdl_wait(); /* launched dependent: the ops before wrote what it reads */
     cb_pdl_trigger();
     EW_LOOP(i, n) y[i] += cb_sigmoid(gate[i / cols]) * x[i];
 }
@@ -31,7 +35,7 @@ __global__ void add_gated_kernel(float *y, const float *x, const float *gate, in
 #define EW_RUN(c, what, n, kernel, ...)                                               \
     do {                                                                              \
         if ((c)->failed || (n) <= 0) return;                                          \
-        kernel<<<cb_grid((c), (n), EW_THREADS), EW_THREADS, 0, (c)->stream>>>(__VA_ARGS__); \
+        cb_launch_dependent((c), kernel, dim3(cb_grid((c), (n), EW_THREADS)), dim3(EW_THREADS), 0, __VA_ARGS__); \
         CB_LAUNCHED((c), what);                                                       \
     } while (0)
 

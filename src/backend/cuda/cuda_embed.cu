@@ -6,6 +6,7 @@
  * matrix leaves its row untouched, as the CPU op does. */
 template <int QT>
 __global__ void embed_kernel(cq_mat m, const int32_t *__restrict__ ids, float *__restrict__ out) {
+    cb_pdl_wait(); /* launched dependent: the ops before wrote what it reads */
     cb_pdl_trigger();
     const int64_t t = blockIdx.x;
     const int32_t r = ids[t];
@@ -22,12 +23,10 @@ void cuda_op_embed(mf_backend *b, const mf_wmat *w, const int32_t *ids, int64_t 
         return;
     }
     const cq_mat m = cq_mat_of(w);
-    const unsigned grid = (unsigned)n_tok;
-    switch (w->type) {
-    case MF_QTYPE_Q4: embed_kernel<MF_QTYPE_Q4><<<grid, 256, 0, c->stream>>>(m, ids, out); break;
-    case MF_QTYPE_Q8: embed_kernel<MF_QTYPE_Q8><<<grid, 256, 0, c->stream>>>(m, ids, out); break;
-    case MF_QTYPE_BF16: embed_kernel<MF_QTYPE_BF16><<<grid, 256, 0, c->stream>>>(m, ids, out); break;
-    default: embed_kernel<MF_QTYPE_F32><<<grid, 256, 0, c->stream>>>(m, ids, out); break;
-    }
+    auto k = w->type == MF_QTYPE_Q4    ? embed_kernel<MF_QTYPE_Q4>
+             : w->type == MF_QTYPE_Q8   ? embed_kernel<MF_QTYPE_Q8>
+             : w->type == MF_QTYPE_BF16 ? embed_kernel<MF_QTYPE_BF16>
+                                        : embed_kernel<MF_QTYPE_F32>;
+    cb_launch_dependent(c, k, dim3((unsigned)n_tok), dim3(256), 0, m, ids, out);
     CB_LAUNCHED(c, "embed");
 }

@@ -14,6 +14,7 @@ static int norm_threads(int64_t dim) {
  * y = x / sqrt(mean(x^2) + eps) * w [* silu(z)]. */
 __global__ void norm_kernel(float *x, const float *__restrict__ a, const float *__restrict__ w,
                             const float *__restrict__ z, int64_t dim, float eps, float *y) {
+    cb_pdl_wait(); /* launched dependent: the ops before wrote what it reads */
     cb_pdl_trigger();
     __shared__ float sh[32];
     float *xr = x + (int64_t)blockIdx.x * dim;
@@ -42,6 +43,7 @@ __global__ void norm_kernel(float *x, const float *__restrict__ a, const float *
 template <int NV>
 __global__ void norm4_kernel(float *x, const float *__restrict__ a, const float *__restrict__ w,
                              const float *__restrict__ z, int64_t dim4, float eps, float *y) {
+    cb_pdl_wait(); /* launched dependent: the ops before wrote what it reads */
     cb_pdl_trigger();
     __shared__ float sh[32];
     const int64_t row = blockIdx.x;
@@ -100,11 +102,10 @@ static void norm_launch(mf_backend *b, const char *what, float *x, const float *
         int threads = (int)((dim4 + 31) / 32 * 32);
         if (threads > 1024) threads = 1024;
         const int64_t nv = (dim4 + threads - 1) / threads;
-        if (nv == 1) norm4_kernel<1><<<(unsigned)rows, threads, 0, c->stream>>>(x, a, w, z, dim4, eps, y);
-        else if (nv == 2) norm4_kernel<2><<<(unsigned)rows, threads, 0, c->stream>>>(x, a, w, z, dim4, eps, y);
-        else norm4_kernel<4><<<(unsigned)rows, threads, 0, c->stream>>>(x, a, w, z, dim4, eps, y);
+        auto k = nv == 1 ? norm4_kernel<1> : nv == 2 ? norm4_kernel<2> : norm4_kernel<4>;
+        cb_launch_dependent(c, k, dim3((unsigned)rows), dim3(threads), 0, x, a, w, z, dim4, eps, y);
     } else {
-        norm_kernel<<<(unsigned)rows, norm_threads(dim), 0, c->stream>>>(x, a, w, z, dim, eps, y);
+        cb_launch_dependent(c, norm_kernel, dim3((unsigned)rows), dim3(norm_threads(dim)), 0, x, a, w, z, dim, eps, y);
     }
     CB_LAUNCHED(c, what);
 }
