@@ -124,22 +124,31 @@ attn_kernel(const float *__restrict__ q, const float *__restrict__ kc, const flo
     }
 }
 
-/* One block per token-head: out = sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M). */
+/* One block per token-head (blockDim >= n_split): out = sum_s acc_s e^(m_s - M) / sum_s l_s
+ * e^(m_s - M), over the splits with l_s > 0. Each split's weight is worked out once, into shared
+ * memory, so that an output element's sum is a run of independent loads. */
 __global__ void attn_merge_kernel(const float *__restrict__ part_ml, const float *__restrict__ part_acc, int n_split,
                                   int hd, float *__restrict__ out) {
     cb_pdl_wait(); /* launched dependent: the ops before wrote what it reads */
     cb_pdl_trigger();
+    __shared__ float f[ATT_MAX_SPLITS], red[32];
     const int64_t row = blockIdx.x;
+    const int s = threadIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
     const float *ml = part_ml + row * n_split * 2;
-    float M = -INFINITY;
-    for (int s = 0; s < n_split; s++) M = fmaxf(M, ml[2 * s]);
-    float L = 0.0f;
-    for (int s = 0; s < n_split; s++)
-        if (ml[2 * s + 1] > 0.0f) L += ml[2 * s + 1] * expf(ml[2 * s] - M);
+    const float ms = s < n_split ? ml[2 * s] : -INFINITY, ls = s < n_split ? ml[2 * s + 1] : 0.0f;
+    float M = cb_warp_max(ms);
+    if (lane == 0) red[warp] = M;
+    __syncthreads();
+    M = -INFINITY;
+    for (int w = 0; w < nw; w++) M = fmaxf(M, red[w]);
+    const float fs = ls > 0.0f ? expf(ms - M) : 0.0f;
+    if (s < n_split) f[s] = fs;
+    const float L = cb_block_sum(ls * fs, red); /* synchronizes the block: f is complete */
     for (int e = threadIdx.x; e < hd; e += blockDim.x) {
+        const float *pa = part_acc + row * n_split * hd + e;
         float a = 0.0f;
-        for (int s = 0; s < n_split; s++)
-            if (ml[2 * s + 1] > 0.0f) a += part_acc[(row * n_split + s) * hd + e] * expf(ml[2 * s] - M);
+#pragma unroll 8
+        for (int k = 0; k < n_split; k++) a += pa[(int64_t)k * hd] * f[k];
         out[row * hd + e] = a / L;
     }
 }
