@@ -335,11 +335,16 @@ static void moe_gate_up_launch(cuda_backend *c, const float *x, const int32_t *i
     /* a grid one wave of the first kernel cannot hold takes the second when it fits more blocks
      * (H100, decode of the 8-layer cuts: 30B, 384 blocks, 1,712 -> 1,747 tok/s; the 35B's 256
      * blocks fit one wave of the first, which is 2.8% faster there) */
-    int nb = 0, nb3 = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nb, k, threads, smem) != cudaSuccess ||
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nb3, k3, threads, smem) != cudaSuccess) {
-        cudaGetLastError();
-        nb = nb3 = 0;
+    static int q_threads = -1, nb = 0, nb3 = 0; /* the last query, kept for the same block and shared memory */
+    static size_t q_smem = 0;
+    if (threads != q_threads || smem != q_smem) {
+        if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nb, k, threads, smem) != cudaSuccess ||
+            cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nb3, k3, threads, smem) != cudaSuccess) {
+            cudaGetLastError();
+            nb = nb3 = 0;
+        }
+        q_threads = threads;
+        q_smem = smem;
     }
     if (blocks > (int64_t)nb * c->n_sm && nb3 > nb) k = k3;
     cb_launch_dependent(c, k, dim3((unsigned)blocks), dim3(threads), smem, x, ids, blobs, g, c->moe_act);
