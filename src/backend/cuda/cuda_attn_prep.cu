@@ -5,16 +5,32 @@
 
 #define AP_THREADS 128
 #define AP_MAX_HD 512
+#define AP_PER (AP_MAX_HD / 2 / AP_THREADS) /* rotated pairs a thread takes */
 
 /* Block (slot, token): slot < n_heads is a q head, then n_kv k heads, then n_kv v heads. The head
  * is staged in shared memory, so q may be rewritten in place. Norm as the rmsnorm op; angles as
- * the rope op (inv_freq = theta^(-2i/rot) in double rounded to float, f32 angle). */
+ * the rope op (inv_freq = theta^(-2i/rot) in double rounded to float, f32 angle). Launched
+ * dependent: the positions (uploaded before the step's kernels) and the angles are ready before
+ * it waits on the projections. */
 __global__ void __launch_bounds__(AP_THREADS) attn_prep_kernel(const mf_attn_prep p) {
-    cb_pdl_wait(); /* launched dependent: the ops before wrote what it reads */
-    cb_pdl_trigger();
     __shared__ float v[AP_MAX_HD], red[32];
     const int slot = blockIdx.x, hd = p.head_dim;
     const int64_t t = blockIdx.y;
+    const int32_t pt = p.pos[t];
+    const int half = p.rot_dim / 2;
+    float cs[AP_PER], sn[AP_PER]; /* pair i = threadIdx.x + k * blockDim.x */
+    if (slot < p.n_heads + p.n_kv)
+#pragma unroll
+        for (int k = 0; k < AP_PER; k++) {
+            const int i = threadIdx.x + k * blockDim.x;
+            cs[k] = 1.0f, sn[k] = 0.0f;
+            if (i < half) {
+                const float ang = (float)pt * (float)pow(p.theta, -2.0 * i / p.rot_dim);
+                cs[k] = cosf(ang), sn[k] = sinf(ang);
+            }
+        }
+    cb_pdl_wait();
+    cb_pdl_trigger();
     const float *src, *nw;
     float *dst;
     if (slot < p.n_heads) {
@@ -26,7 +42,7 @@ __global__ void __launch_bounds__(AP_THREADS) attn_prep_kernel(const mf_attn_pre
     } else {
         const int h = (slot - p.n_heads) % p.n_kv, is_v = slot - p.n_heads >= p.n_kv;
         src = (is_v ? p.v : p.k) + (t * p.n_kv + h) * hd;
-        dst = (is_v ? p.v_cache : p.k_cache) + ((int64_t)p.pos[t] * p.n_kv + h) * hd;
+        dst = (is_v ? p.v_cache : p.k_cache) + ((int64_t)pt * p.n_kv + h) * hd;
         if (is_v) {
             for (int i = threadIdx.x; i < hd; i += blockDim.x) dst[i] = src[i];
             return;
@@ -41,19 +57,16 @@ __global__ void __launch_bounds__(AP_THREADS) attn_prep_kernel(const mf_attn_pre
     }
     ss = cb_block_sum(ss, red); /* synchronizes: v is complete */
     const float inv = (float)(1.0 / sqrt((double)ss / (double)hd + (double)p.eps));
-    const int half = p.rot_dim / 2;
-    const float pos = (float)p.pos[t];
-    for (int i = threadIdx.x; i < hd; i += blockDim.x) {
+#pragma unroll
+    for (int k = 0; k < AP_PER; k++) {
+        const int i = threadIdx.x + k * blockDim.x;
         if (i < half) {
             const float a = v[i] * inv * (nw ? nw[i] : 1.0f), b = v[i + half] * inv * (nw ? nw[i + half] : 1.0f);
-            const float ang = pos * (float)pow(p.theta, -2.0 * i / p.rot_dim);
-            const float cs = cosf(ang), sn = sinf(ang);
-            dst[i] = a * cs - b * sn;
-            dst[i + half] = b * cs + a * sn;
-        } else if (i >= p.rot_dim) {
-            dst[i] = v[i] * inv * (nw ? nw[i] : 1.0f);
+            dst[i] = a * cs[k] - b * sn[k];
+            dst[i + half] = b * cs[k] + a * sn[k];
         }
     }
+    for (int i = p.rot_dim + threadIdx.x; i < hd; i += blockDim.x) dst[i] = v[i] * inv * (nw ? nw[i] : 1.0f);
 }
 
 void cuda_op_attention_prep(mf_backend *b, const mf_attn_prep *p) {

@@ -44,6 +44,7 @@ static void cb_destroy(mf_backend *b) {
     cudaFree(c->arg_v);
     cudaFree(c->arg_i);
     cudaFree(c->arg_done);
+    cudaFree(c->att_done);
     cudaFree(c->moe_act);
     free(c->pinned);
     pthread_mutex_destroy(&c->pinned_lock);
@@ -468,6 +469,8 @@ extern "C" mf_backend *cuda_backend_create(int device, mf_err *err) {
     if (e == cudaSuccess) e = cudaMalloc((void **)&c->arg_i, ARGMAX_PARTS * sizeof(int64_t));
     if (e == cudaSuccess) e = cudaMalloc((void **)&c->arg_done, sizeof(unsigned));
     if (e == cudaSuccess) e = cudaMemset(c->arg_done, 0, sizeof(unsigned));
+    if (e == cudaSuccess) e = cudaMalloc((void **)&c->att_done, ATT_MERGE_ROWS * sizeof(unsigned));
+    if (e == cudaSuccess) e = cudaMemset(c->att_done, 0, ATT_MERGE_ROWS * sizeof(unsigned));
     for (int i = 0; e == cudaSuccess && i < CB_STAGE_SLOTS; i++) {
         e = cudaHostAlloc((void **)&c->stage[i], CB_STAGE_BYTES, cudaHostAllocDefault);
         if (e == cudaSuccess) e = cudaEventCreateWithFlags(&c->stage_done[i], cudaEventDisableTiming);

@@ -18,6 +18,7 @@ extern "C" {
 #define CB_STAGE_BYTES ((size_t)4 << 20)
 #define CB_UP_RING 256               /* events of upload_async tickets in flight */
 #define ARGMAX_PARTS 256             /* blocks one argmax row is spread over, at most */
+#define ATT_MERGE_ROWS 1024          /* token-heads whose attention may be split (att_done) */
 
 typedef struct cuda_backend {
     mf_backend base;
@@ -32,6 +33,8 @@ typedef struct cuda_backend {
     float *arg_v;                      /* device [ARGMAX_PARTS]: argmax's per-block bests */
     int64_t *arg_i;                    /* device [ARGMAX_PARTS] */
     unsigned *arg_done;                /* device: blocks of the running argmax done (0 between calls) */
+    unsigned *att_done;                /* device [ATT_MERGE_ROWS]: split blocks of each token-head of the
+                                          running attention done (0 between calls) */
     cudaStream_t main_stream;          /* the compute stream; `stream` is side_stream in a side branch */
     cudaStream_t side_stream;
     cudaEvent_t fork_mark, side_done;  /* branch_begin / branch_end */

@@ -15,22 +15,6 @@ struct rt_choices {
     float sum;
 };
 
-/* Choice j: the warp's best of the lanes' candidates (bv, be), the highest probability with ties
- * to the lower id, -1 where no lane has one. Every lane learns it (and gets it back), so the
- * weights' sum (for norm) builds up in choice order without reading anything back; lane j % 32
- * keeps choice j. */
-__device__ __forceinline__ int rt_take(rt_choices &ch, int j, int lane, float bv, int be) {
-    for (int o = 16; o; o >>= 1) {
-        const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-        const int oe = __shfl_xor_sync(0xffffffffu, be, o);
-        if (oe >= 0 && (be < 0 || ov > bv || (ov == bv && oe < be))) bv = ov, be = oe;
-    }
-    const float wv = be >= 0 ? bv : 0.0f;
-    ch.sum += wv;
-    if (lane == (j & 31)) ch.id[j >> 5] = be, ch.w[j >> 5] = wv;
-    return be;
-}
-
 /* Writes token t's K choices, each once, the weights renormalised when norm. */
 __device__ __forceinline__ void rt_store(const rt_choices &ch, int lane, int64_t t, int K, int norm,
                                          int32_t *__restrict__ ids, float *__restrict__ w) {
@@ -45,8 +29,7 @@ __device__ __forceinline__ void rt_store(const rt_choices &ch, int lane, int64_t
 }
 
 /* logits [n_tok][E]; ids, w [n_tok][K]. Probabilities as the CPU op: p = (float)(expf(l - max) /
- * sum), the sum in double; a taken expert is marked -1 (rt_take picks each round's winner).
- * Shared: [RT_WARPS][E] probabilities. */
+ * sum), the sum in double; each round's winner is marked -1 (taken). Shared: [RT_WARPS][E] probabilities. */
 __global__ void __launch_bounds__(RT_WARPS * 32)
 router_kernel(const float *__restrict__ logits, int64_t n_tok, int E, int K, int norm, int32_t *__restrict__ ids,
               float *__restrict__ w) {
@@ -84,8 +67,15 @@ router_kernel(const float *__restrict__ logits, int64_t n_tok, int E, int K, int
 #pragma unroll 8
         for (int e = lane; e < E; e += 32)
             if (p[e] >= 0.0f && p[e] > bv) bv = p[e], be = e;
-        const int won = rt_take(ch, j, lane, bv, be);
-        if (lane == 0 && won >= 0) p[won] = -1.0f;
+        for (int o = 16; o; o >>= 1) { /* the warp's best, ties to the lower id */
+            const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+            const int oe = __shfl_xor_sync(0xffffffffu, be, o);
+            if (oe >= 0 && (be < 0 || ov > bv || (ov == bv && oe < be))) bv = ov, be = oe;
+        }
+        const float wv = be >= 0 ? bv : 0.0f; /* every lane learns choice j; lane j % 32 keeps it */
+        ch.sum += wv;
+        if (lane == (j & 31)) ch.id[j >> 5] = be, ch.w[j >> 5] = wv;
+        if (lane == 0 && be >= 0) p[be] = -1.0f;
         __syncwarp();
     }
     rt_store(ch, lane, t, K, norm, ids, w);
