@@ -541,15 +541,27 @@ void dev_cache_note_uses(dev_cache *c, int layer, const int32_t *ids, int n) {
 }
 
 /* Host-read mode: a slot for each expert noted missing, in the order noted, when one is free or
- * when the least used unpinned slot has had fewer uses of late; its upload starts now. */
+ * when the least used unpinned slot has had fewer uses of late; its upload starts now. Most are
+ * turned away: the least key is kept between admissions, so those cost no scan of the slots. */
 static void promote(dev_cache *c) {
     release_uploaded(c, 0);
+    uint64_t least = 0;
+    int least_known = 0; /* least: the least key of all slots, while no slot has changed */
     for (int k = 0; k < c->n_cand; k++) {
         const int layer = c->cand[k].layer;
         int32_t id = c->cand[k].id;
         if (c->index[(size_t)layer * c->max_experts + id] >= 0) continue; /* noted twice */
         uint64_t u = c->uses[(size_t)layer * c->max_experts + id];
         if (u > KEY_USES_MAX) u = KEY_USES_MAX;
+        if (!c->n_empty && c->n_alloc == c->n_slots) { /* only an eviction could make room */
+            if (!least_known) {
+                least = KEY_PINNED;
+                for (int j = 0; j < c->n_alloc; j++) least = c->key[j] < least ? c->key[j] : least;
+                least_known = 1;
+            }
+            if (least >= u << 40) continue; /* find_slot would find no slot below it */
+        }
+        least_known = 0;
         const int i = find_slot(c, layer, &id, 1, u << 40);
         mf_err ignored;
         if (i >= 0 && fill(c, i, layer, id, 1, &ignored) != MF_OK) c->key[i] = KEY_PINNED; /* stays empty */

@@ -50,8 +50,7 @@ __device__ __forceinline__ void argmax_reduce(float &bv, int64_t &bi) {
 
 __global__ void __launch_bounds__(ARGMAX_THREADS)
 argmax_kernel(const float *__restrict__ x, int64_t cols, int32_t *__restrict__ out) {
-    cb_pdl_wait(); /* launched dependent: the ops before wrote what it reads */
-    cb_pdl_trigger();
+    cb_pdl_enter(); /* launched dependent: the ops before wrote what it reads */
     float bv;
     int64_t bi;
     argmax_block(x + (int64_t)blockIdx.x * cols, 0, cols, bv, bi);
@@ -64,8 +63,7 @@ argmax_kernel(const float *__restrict__ x, int64_t cols, int32_t *__restrict__ o
 __global__ void __launch_bounds__(ARGMAX_THREADS)
 argmax_split_kernel(const float *__restrict__ x, int64_t cols, int64_t span, float *part_v, int64_t *part_i,
                     unsigned *done, int32_t *__restrict__ out) {
-    cb_pdl_wait(); /* launched dependent: the ops before wrote what it reads */
-    cb_pdl_trigger();
+    cb_pdl_enter(); /* launched dependent: the ops before wrote what it reads */
     __shared__ bool last;
     const int64_t begin = (int64_t)blockIdx.x * span, end = begin + span < cols ? begin + span : cols;
     float bv;

@@ -107,8 +107,7 @@ attn_kernel(const float *__restrict__ q, const float *__restrict__ kc, const flo
     float kx[U][NJ], vx[U][NJ];
     /* the warp's first round: the rows written by earlier calls now, the others after the wait */
     if (p_begin + warp < p_end) attn_load<NJ, U>(kc, vc, p_begin + warp, p_end, first, 1, kv_stride, kv_off, hd, lane, kx, vx);
-    cb_pdl_wait();
-    cb_pdl_trigger();
+    cb_pdl_enter();
     const float *qr = q + row * hd;
     float qv[NJ], acc[NJ];
 #pragma unroll

@@ -29,8 +29,7 @@ __global__ void __launch_bounds__(AP_THREADS) attn_prep_kernel(const mf_attn_pre
                 cs[k] = cosf(ang), sn[k] = sinf(ang);
             }
         }
-    cb_pdl_wait();
-    cb_pdl_trigger();
+    cb_pdl_enter();
     const float *src, *nw;
     float *dst;
     if (slot < p.n_heads) {

@@ -17,8 +17,7 @@ __global__ void conv1d_silu_kernel(const float *__restrict__ x, float *__restric
         }
         /* launched dependent: the weights were readable above, and the window where early (the
          * op before did not write it); x (the output of the op before) only from here */
-        cb_pdl_wait();
-        cb_pdl_trigger();
+        cb_pdl_enter();
         for (int64_t t = 0; t < n_tok; t++) {
             const float xt = x[t * C + ch];
             float acc = 0.0f;

@@ -41,8 +41,7 @@ deltanet_kernel(const float *__restrict__ q, const float *__restrict__ k, const 
     const float neg_A = raw.a ? -expf(raw.A_log[h]) : 0.0f, dtb = raw.a ? raw.dt_bias[h] : 0.0f;
     /* launched dependent: the weights were readable above, and the state where early (the op
      * before did not write it); q, k, v and the gates (the outputs of the ops before) only from here */
-    cb_pdl_wait();
-    cb_pdl_trigger();
+    cb_pdl_enter();
     /* stage step 0 */
     for (int i = threadIdx.x; i < 2 * dk; i += blockDim.x)
         qk[i] = i < dk ? q[(int64_t)kh * dk + i] : k[(int64_t)kh * dk + i - dk];

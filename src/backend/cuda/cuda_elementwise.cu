@@ -9,26 +9,22 @@
 
 /* y, x [n] */
 __global__ void add_kernel(float *y, const float *x, int64_t n) {
-    cb_pdl_wait(); /* launched dependent: the ops before wrote what it reads */
-    cb_pdl_trigger();
+    cb_pdl_enter(); /* launched dependent: the ops before wrote what it reads */
     EW_LOOP(i, n) y[i] += x[i];
 }
 /* x, gate [n] */
 __global__ void mul_sigmoid_kernel(float *x, const float *gate, int64_t n) {
-    cb_pdl_wait(); /* launched dependent: the ops before wrote what it reads */
-    cb_pdl_trigger();
+    cb_pdl_enter(); /* launched dependent: the ops before wrote what it reads */
     EW_LOOP(i, n) x[i] *= cb_sigmoid(gate[i]);
 }
 /* g, u [n] */
 __global__ void swiglu_kernel(float *g, const float *u, int64_t n) {
-    cb_pdl_wait(); /* launched dependent: the ops before wrote what it reads */
-    cb_pdl_trigger();
+    cb_pdl_enter(); /* launched dependent: the ops before wrote what it reads */
     EW_LOOP(i, n) g[i] = cb_silu(g[i]) * u[i];
 }
 /* y, x [n_tok][cols]; gate [n_tok] */
 __global__ void add_gated_kernel(float *y, const float *x, const float *gate, int64_t n, int64_t cols) {
-    cb_pdl_wait(); /* launched dependent: the ops before wrote what it reads */
-    cb_pdl_trigger();
+    cb_pdl_enter(); /* launched dependent: the ops before wrote what it reads */
     EW_LOOP(i, n) y[i] += cb_sigmoid(gate[i / cols]) * x[i];
 }
 

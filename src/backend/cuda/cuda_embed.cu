@@ -6,8 +6,7 @@
  * matrix leaves its row untouched, as the CPU op does. */
 template <int QT>
 __global__ void embed_kernel(cq_mat m, const int32_t *__restrict__ ids, float *__restrict__ out) {
-    cb_pdl_wait(); /* launched dependent: the ops before wrote what it reads */
-    cb_pdl_trigger();
+    cb_pdl_enter(); /* launched dependent: the ops before wrote what it reads */
     const int64_t t = blockIdx.x;
     const int32_t r = ids[t];
     if (r < 0 || r >= m.rows) return;

@@ -98,6 +98,12 @@ __device__ __forceinline__ void cb_pdl_wait(void) {
     asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
 }
+/* Where a kernel's work on its predecessors' outputs begins: waits for them, then lets the next
+ * kernel start. */
+__device__ __forceinline__ void cb_pdl_enter(void) {
+    cb_pdl_wait();
+    cb_pdl_trigger();
+}
 
 /* Launches kernel on the compute stream so that it may overlap the end of the kernel before it
  * (programmatic stream serialization) where the device has it, as a plain launch elsewhere. */

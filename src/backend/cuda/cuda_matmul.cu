@@ -55,8 +55,7 @@ gemv_kernel(const __grid_constant__ gemv_set set, int64_t nchunks, int lpr_log2,
     };
     bool live = place();
     /* launched dependent: the weight loads above overlap the kernel before, x is its output */
-    cb_pdl_wait();
-    cb_pdl_trigger();
+    cb_pdl_enter();
     gemv_stage<QT>(xs4, xsum, x, n_tok, set.m[0].cols, nchunks, THREADS);
     while (live) {
         const cq_mat &m = set.m[j];

@@ -53,8 +53,7 @@ __device__ __forceinline__ void moe_gate_up(const float *__restrict__ x, const i
                                             const void *const *__restrict__ blobs, const moe_geo &g,
                                             float *__restrict__ act) {
     /* launched dependent: the choice (ids) is the output of the kernel before */
-    cb_pdl_wait();
-    cb_pdl_trigger();
+    cb_pdl_enter();
     extern __shared__ float4 xs4[];                      /* [nchunks][F] swizzled */
     float *xsum = (float *)(xs4 + g.nchunks * (cq_traits<QT>::EPC / 4)); /* [nchunks], affine types */
     const int64_t p = blockIdx.x / g.blocks_per_item, bi = blockIdx.x % g.blocks_per_item, t = p / g.K;
@@ -153,8 +152,7 @@ moe_down_kernel(const float *__restrict__ act, const int32_t *__restrict__ ids, 
             if (u < total) moe_down_load<QT, R>(base, g, S, u, li, lpr, rr, wv[u], A[u], B[u]);
     /* launched dependent after gate/up, which started only once the choice was complete: the
      * choice and the weights were readable above, act (gate/up's output) only from here */
-    cb_pdl_wait();
-    cb_pdl_trigger();
+    cb_pdl_enter();
     gemv_stage<QT>(xs4, xsum, act + t * g.K * g.inter, g.K, g.inter, g.nchunks, blockDim.x);
     if (!live) return;
     float acc[R], ya[R];
@@ -220,8 +218,7 @@ moe_down_split_kernel(const float *__restrict__ act, const int32_t *__restrict__
         }
     }
     /* launched dependent after gate/up: act (its output) is readable only from here */
-    cb_pdl_wait();
-    cb_pdl_trigger();
+    cb_pdl_enter();
     float xv[S][EPC], X[S];
 #pragma unroll
     for (int k = 0; k < S; k++) {

@@ -14,8 +14,7 @@ static int norm_threads(int64_t dim) {
  * y = x / sqrt(mean(x^2) + eps) * w [* silu(z)]. */
 __global__ void norm_kernel(float *x, const float *__restrict__ a, const float *__restrict__ w,
                             const float *__restrict__ z, int64_t dim, float eps, float *y) {
-    cb_pdl_wait(); /* launched dependent: the ops before wrote what it reads */
-    cb_pdl_trigger();
+    cb_pdl_enter(); /* launched dependent: the ops before wrote what it reads */
     __shared__ float sh[32];
     float *xr = x + (int64_t)blockIdx.x * dim;
     float *yr = y + (int64_t)blockIdx.x * dim;
@@ -43,8 +42,7 @@ __global__ void norm_kernel(float *x, const float *__restrict__ a, const float *
 template <int NV>
 __global__ void norm4_kernel(float *x, const float *__restrict__ a, const float *__restrict__ w,
                              const float *__restrict__ z, int64_t dim4, float eps, float *y) {
-    cb_pdl_wait(); /* launched dependent: the ops before wrote what it reads */
-    cb_pdl_trigger();
+    cb_pdl_enter(); /* launched dependent: the ops before wrote what it reads */
     __shared__ float sh[32];
     const int64_t row = blockIdx.x;
     float4 *xr = (float4 *)x + row * dim4;

@@ -94,8 +94,7 @@ template <int PER>
 __global__ void __launch_bounds__(RT_WARPS * 32)
 router_reg_kernel(const float *__restrict__ logits, int64_t n_tok, int E, int K, int norm, int32_t *__restrict__ ids,
                   float *__restrict__ w) {
-    cb_pdl_wait();
-    cb_pdl_trigger();
+    cb_pdl_enter();
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int64_t t = (int64_t)blockIdx.x * RT_WARPS + warp;
     if (t >= n_tok) return; /* whole warps leave together */
