@@ -465,9 +465,10 @@ mf_status forward_chunk(mf_session *s, const int32_t *tokens, int n, float *logi
                            tokens[t], s->pos + t, hp->vocab);
         s->positions[t] = s->pos + t;
     }
+    memcpy(s->positions + s->chunk, tokens, sizeof(int32_t) * (size_t)n);
     if (s->profile) prof_mark(s, NULL);
-    OPS->upload(be, s->d_positions, s->positions, sizeof(int32_t) * (size_t)n);
-    OPS->upload(be, s->d_tokens, tokens, sizeof(int32_t) * (size_t)n);
+    /* positions and tokens in one upload (a decode step's only one) */
+    OPS->upload(be, s->d_positions, s->positions, sizeof(int32_t) * (size_t)(s->chunk + n));
     if (graph) {
         mf_status st = s->graph ? MF_OK : graph_record(s);
         if (st) return st;

@@ -54,8 +54,8 @@ struct mf_session {
     float **k_cache, **v_cache;/* per full-attention layer: [max_ctx][n_kv][head_dim]; NULL elsewhere */
     float **conv_state;        /* per linear layer: [kernel-1][channels] */
     float **rec_state;         /* per linear layer: [v heads][k dim][v dim] */
-    int32_t *d_tokens;         /* [chunk] */
-    int32_t *d_positions;      /* [chunk] */
+    int32_t *d_positions;      /* [2][chunk]: the step's positions, then its tokens (one upload) */
+    int32_t *d_tokens;         /* [chunk] (view: d_positions + chunk) */
     float *x;                  /* [chunk][hidden] residual stream */
     float *h;                  /* [chunk][hidden] normed input of a block */
     float *y;                  /* [chunk][hidden] block output */
@@ -74,7 +74,7 @@ struct mf_session {
     lin_snapshot snaps[SESSION_SNAPSHOTS];
     int snap_next;
     float *lin_host;           /* [lin_floats] staging for snapshots, save and load */
-    int32_t *positions;        /* [chunk] */
+    int32_t *positions;        /* [2][chunk]: host copy of d_positions */
     void *route;               /* host copy of d_route (page-locked where the backend has it, so that
                                 * its download is a direct copy, not one staged behind uploads) */
     int route_pinned;          /* route came from host_alloc */

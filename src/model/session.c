@@ -80,7 +80,7 @@ void mf_session_free(mf_session *s) {
             if (s->conv_state) be->ops->free(be, s->conv_state[l]);
             if (s->rec_state) be->ops->free(be, s->rec_state[l]);
         }
-        void *dev[] = {s->d_tokens, s->d_positions, s->x, s->h, s->y, s->zeros, s->big1, s->big2, s->big3,
+        void *dev[] = {s->d_positions, s->x, s->h, s->y, s->zeros, s->big1, s->big2, s->big3,
                        s->big4, s->big5, s->big6, s->small1, s->small2, s->small3, s->small4, s->d_route,
                        s->d_expert_tok, s->d_expert_tw, s->d_logits, (void *)s->d_blob_table, s->d_pred_w,
                        s->d_route_log};
@@ -134,7 +134,7 @@ mf_status mf_session_new(mf_model *m, const mf_session_options *o, mf_session **
     int64_t K = hp->top_k;
     size_t f = sizeof(float);
     s->tokens = zalloc(sizeof(int32_t) * (size_t)s->max_ctx, &ok);
-    s->positions = zalloc(sizeof(int32_t) * (size_t)T, &ok);
+    s->positions = zalloc(sizeof(int32_t) * 2 * (size_t)T, &ok);
     const size_t route_bytes = sizeof(int32_t) * 3 * (size_t)(T * K);
     if (m->be->ops->host_alloc && !m->be->ops->host_memory && (s->route = m->be->ops->host_alloc(m->be, route_bytes))) {
         memset(s->route, 0, route_bytes);
@@ -163,8 +163,8 @@ mf_status mf_session_new(mf_model *m, const mf_session_options *o, mf_session **
     s->conv_state = zalloc(sizeof(float *) * (size_t)L, &ok);
     s->rec_state = zalloc(sizeof(float *) * (size_t)L, &ok);
     if (!ok) return err_set(&s->err, MF_ERR_NOMEM, "session: out of memory (context %d)", s->max_ctx);
-    s->d_tokens = balloc(s, sizeof(int32_t) * (size_t)T, &ok);
-    s->d_positions = balloc(s, sizeof(int32_t) * (size_t)T, &ok);
+    s->d_positions = balloc(s, sizeof(int32_t) * 2 * (size_t)T, &ok);
+    s->d_tokens = s->d_positions ? s->d_positions + T : NULL;
     float **hbufs[] = {&s->x, &s->h, &s->y, &s->zeros};
     for (int i = 0; i < 4; i++) *hbufs[i] = balloc(s, f * (size_t)(T * H), &ok);
     float **bigs[] = {&s->big1, &s->big2, &s->big3, &s->big4, &s->big5, &s->big6};
