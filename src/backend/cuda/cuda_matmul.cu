@@ -69,22 +69,23 @@ gemv_kernel(const __grid_constant__ gemv_set set, int64_t nchunks, int lpr_log2,
             ch0 += U * lpr;
             if (ch0 < nchunks) gemv_load<QT, R, U>(m, rr, ch0, lpr, nchunks, wv, A, B);
         }
+        /* the next tile's first loads go out before this one's sums meet and are stored */
+        const int64_t rows = m.rows, r0_done = r0;
+        float *const y = set.y[j];
+        wt += n_warps;
+        live = place();
         /* the LPR lanes of a tile are aligned: xor offsets below LPR stay inside it */
         for (int o = lpr >> 1; o; o >>= 1)
 #pragma unroll
             for (int i = 0; i < R; i++)
 #pragma unroll
                 for (int t = 0; t < NT; t++) acc[i][t] += __shfl_xor_sync(0xffffffffu, acc[i][t], o);
-        if (li == 0) {
-            float *y = set.y[j];
+        if (li == 0)
 #pragma unroll
             for (int i = 0; i < R; i++)
 #pragma unroll
                 for (int t = 0; t < NT; t++)
-                    if (r0 + i < m.rows && t < n_tok) y[t * m.rows + r0 + i] = acc[i][t];
-        }
-        wt += n_warps;
-        live = place();
+                    if (r0_done + i < rows && t < n_tok) y[t * rows + r0_done + i] = acc[i][t];
     }
 }
 
