@@ -11,7 +11,6 @@
 #define ATT_MAX_J 16       /* head_dim up to 32 * ATT_MAX_J */
 #define ATT_MIN_SPAN 32    /* positions per split, at least */
 #define ATT_MAX_SPLITS 128
-#define ATT_SCRATCH_ROWS 2048 /* token-heads that reserve sizes splits for */
 #define ATT_MAX_HD 256     /* head_dim that reserve sizes splits for */
 static_assert(ATT_THREADS >= ATT_MAX_SPLITS, "a block merges its token-head's splits, a thread a split");
 
